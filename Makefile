@@ -1,0 +1,42 @@
+# effkern: `make demo` (the main job) and `make test` set everything up on a fresh machine.
+# `make install` builds .venv with the pinned stack (ENVIRONMENT.md) and the package; `make bench` runs every
+# microbenchmark and writes bench-results/*.json.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STACK := $(VENV)/.stack-installed
+BUILT := $(VENV)/.effkern-built
+SOURCES := setup.py pyproject.toml $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/* csrc/cuda/*)
+
+.PHONY: install demo test bench lint clean
+
+install: $(BUILT)
+
+$(STACK): requirements/ci.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first, from the pinned CUDA 13 build (it also builds the CUDA extension where nvcc exists)
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q -r requirements/ci.txt
+	touch $@
+
+$(BUILT): $(STACK) $(SOURCES)
+	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+demo: install
+	$(VENV)/bin/effkern info
+	$(PY) bench/gqa_decode.py --quick
+
+test: install
+	EFFKERN_REQUIRE_EXTENSION=1 $(VENV)/bin/pytest -q tests
+
+bench: install
+	$(PY) bench/gqa_decode.py --json bench-results/gqa_decode.json
+
+lint: install
+	$(VENV)/bin/ruff check effkern triton_kernels bench tests setup.py
+
+clean:
+	rm -rf build *.egg-info effkern/_C*.so

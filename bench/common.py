@@ -1,0 +1,47 @@
+"""Shared benchmark plumbing: timing (torch.utils.benchmark on CPU, triton's do_bench on GPU), the machine's
+roofline measured in the same run, the printed table and the --json rows."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.utils.benchmark as tb
+
+
+def median_time(fn, device: str, min_run_time: float = 0.5) -> float:
+    """Median seconds per call of ``fn``."""
+    if device == "cuda":
+        import triton.testing
+
+        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") / 1e3
+    fn()  # warm up (first-call allocations, lazy imports)
+    return tb.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time).median
+
+
+def copy_bandwidth(device: str, nbytes: int = 1 << 30) -> float:
+    """Copy bandwidth in bytes/s, counting bytes read plus bytes written (the STREAM copy convention)."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
+    dst = torch.empty_like(src)
+    return 2 * nbytes / median_time(lambda: dst.copy_(src), device)
+
+
+def print_table(rows: list[dict], columns: list[str]) -> None:
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return "" if v is None else str(v)
+
+    cells = [[fmt(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    print("  ".join(c.rjust(w) for c, w in zip(columns, widths, strict=True)))
+    for row in cells:
+        print("  ".join(v.rjust(w) for v, w in zip(row, widths, strict=True)))
+
+
+def write_json(rows: list[dict], path: str | None) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(rows, indent=1))
+        print(f"wrote {len(rows)} rows to {path}")

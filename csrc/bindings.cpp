@@ -1,0 +1,20 @@
+// The one translation unit that includes pybind11/torch glue: exposes the kernels as effkern._C.
+// The ops themselves are declared once in Python (effkern/ops/<op>.py, torch.library.custom_op) and call
+// these functions from their per-device dispatch.
+#include <torch/extension.h>
+
+#include "ops.h"
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "effkern compiled kernels (C++ CPU, and CUDA when built with it)";
+  m.def("gqa_decode_cpu", &effkern::gqa_decode_cpu, "GQA decode attention, C++ CPU kernel");
+  m.def("kv_append_cpu", &effkern::kv_append_cpu, "KV-cache append with RoPE/projection, C++ CPU kernel");
+  m.def("cpu_isa", &effkern::cpu_isa, "the SIMD level the CPU kernels dispatched to on this machine");
+#ifdef EFFKERN_WITH_CUDA
+  m.attr("HAS_CUDA") = true;
+  m.def("gqa_decode_cuda", &effkern::gqa_decode_cuda, "GQA decode attention, CUDA kernel");
+  m.def("kv_append_cuda", &effkern::kv_append_cuda, "KV-cache append with RoPE/projection, CUDA kernel");
+#else
+  m.attr("HAS_CUDA") = false;
+#endif
+}

@@ -1,0 +1,151 @@
+// GQA decode attention, CPU host side: picks the SIMD level, splits the work, runs it on ATen's thread pool
+// and merges KV splits. The arithmetic lives in gqa_decode_kernel.h.
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <c10/util/Exception.h>
+
+#include <atomic>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#include "../ops.h"
+#include "gqa_decode.h"
+
+namespace effkern {
+namespace {
+
+using cpu::DType;
+
+// The SIMD level: the best this CPU supports, capped by EFFKERN_CPU_ISA=avx512|avx2|generic (tests use it to
+// cover every compiled path on one machine; asking for more than the CPU has is an error, not a crash).
+int isa_level() {
+  __builtin_cpu_init();
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  const int best = avx512 ? 512 : avx2 ? 256 : 0;
+  const char* want = std::getenv("EFFKERN_CPU_ISA");
+  if (want == nullptr || *want == '\0') return best;
+  const int asked = std::strcmp(want, "avx512") == 0 ? 512 : std::strcmp(want, "avx2") == 0 ? 256
+                    : std::strcmp(want, "generic") == 0 ? 0 : -1;
+  TORCH_CHECK(asked >= 0, "EFFKERN_CPU_ISA must be avx512, avx2 or generic, got '", want, "'");
+  TORCH_CHECK(asked <= best, "EFFKERN_CPU_ISA=", want, " is not supported by this CPU");
+  return asked;
+}
+
+DType dtype_of(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return DType::f32;
+    case at::kHalf: return DType::f16;
+    case at::kBFloat16: return DType::bf16;
+    default: TORCH_CHECK(false, "gqa_decode_cpu: unsupported dtype ", t.scalar_type());
+  }
+}
+
+void store(void* out, DType dt, int64_t i, float x) {
+  switch (dt) {
+    case DType::f32: static_cast<float*>(out)[i] = x; break;
+    case DType::f16: static_cast<c10::Half*>(out)[i] = c10::Half(x); break;
+    case DType::bf16: static_cast<c10::BFloat16*>(out)[i] = c10::BFloat16(x); break;
+  }
+}
+
+// out[row] = merge of the row's splits: sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s.
+void combine_splits(const cpu::GqaDecodeParams& p) {
+  at::parallel_for(0, p.B * p.Hq, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> o(p.Dv);
+    for (int64_t row = begin; row < end; ++row) {
+      const float* ml = p.part_ml + row * p.splits * 2;
+      float M = -INFINITY;
+      for (int64_t s = 0; s < p.splits; ++s)
+        if (ml[2 * s + 1] > 0.f) M = std::max(M, ml[2 * s]);
+      std::fill(o.begin(), o.end(), 0.f);
+      float L = 0.f;
+      for (int64_t s = 0; s < p.splits; ++s) {
+        if (!(ml[2 * s + 1] > 0.f)) continue;  // an empty split has m = -inf: skip it, never exp(-inf + inf)
+        const float w = std::exp(ml[2 * s] - M);
+        L += w * ml[2 * s + 1];
+        const float* a = p.part_acc + (row * p.splits + s) * p.Dv;
+        for (int64_t c = 0; c < p.Dv; ++c) o[c] += w * a[c];
+      }
+      const float inv = L > 0.f ? 1.f / L : 0.f;
+      for (int64_t c = 0; c < p.Dv; ++c) store(p.out, p.dtype, row * p.Dv + c, o[c] * inv);
+    }
+  });
+}
+
+}  // namespace
+
+const char* cpu_isa() {
+  const int level = isa_level();
+  return level == 512 ? "avx512" : level == 256 ? "avx2" : "generic";
+}
+
+at::Tensor gqa_decode_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                          const at::Tensor& seq_lens, const std::optional<at::Tensor>& cos,
+                          const std::optional<at::Tensor>& sin, const std::optional<at::Tensor>& q_proj,
+                          double scale, double softcap, int64_t rope_style, int64_t rotary_dim) {
+  TORCH_CHECK(q.dim() == 3 && q.is_contiguous(), "gqa_decode_cpu: q must be a contiguous [B, Hq, D] tensor");
+  TORCH_CHECK(k_cache.dim() == 4 && v_cache.dim() == 4 && k_cache.stride(3) == 1 && v_cache.stride(3) == 1,
+              "gqa_decode_cpu: caches must be [B, Hkv, S, D] with a contiguous last dim");
+  TORCH_CHECK(seq_lens.scalar_type() == at::kInt && seq_lens.is_contiguous(), "gqa_decode_cpu: seq_lens must be int32");
+  TORCH_CHECK(rotary_dim == 0 || (cos && sin), "gqa_decode_cpu: rotary_dim > 0 needs cos and sin");
+  cpu::GqaDecodeParams p{};
+  p.B = q.size(0), p.Hq = q.size(1), p.D = q.size(2);
+  p.Hkv = k_cache.size(1), p.Dk = k_cache.size(3), p.Dv = v_cache.size(3);
+  TORCH_CHECK(p.Hkv > 0 && p.Hq % p.Hkv == 0, "gqa_decode_cpu: Hq must be a multiple of Hkv");
+  p.dtype = dtype_of(q);
+  TORCH_CHECK(k_cache.scalar_type() == q.scalar_type() && v_cache.scalar_type() == q.scalar_type(),
+              "gqa_decode_cpu: q and the caches must share a dtype");
+  p.k_sb = k_cache.stride(0), p.k_sh = k_cache.stride(1), p.k_ss = k_cache.stride(2);
+  p.v_sb = v_cache.stride(0), p.v_sh = v_cache.stride(1), p.v_ss = v_cache.stride(2);
+  p.q = q.data_ptr(), p.k = k_cache.data_ptr(), p.v = v_cache.data_ptr();
+  p.seq_lens = seq_lens.data_ptr<int32_t>();
+  p.cos = rotary_dim ? cos->data_ptr<float>() : nullptr;
+  p.sin = rotary_dim ? sin->data_ptr<float>() : nullptr;
+  p.q_proj = q_proj ? q_proj->data_ptr<float>() : nullptr;
+  p.scale = static_cast<float>(scale), p.softcap = static_cast<float>(softcap);
+  p.rope_style = static_cast<int>(rope_style), p.rotary_dim = static_cast<int>(rotary_dim);
+
+  at::Tensor out = at::empty({p.B, p.Hq, p.Dv}, q.options());
+  p.out = out.data_ptr();
+  if (p.B == 0 || p.Hq == 0 || p.Dv == 0) return out;
+
+  // Split the KV range only when (sequence, KV head) pairs are too few to give every thread ~4 items to
+  // balance, and never below 256 keys per split so the merge stays negligible next to the KV reads.
+  const int64_t threads = at::get_num_threads();
+  int64_t max_len = 0;
+  for (int64_t b = 0; b < p.B; ++b) max_len = std::max<int64_t>(max_len, p.seq_lens[b]);
+  const int64_t pairs = p.B * p.Hkv;
+  int64_t splits = std::min((4 * threads + pairs - 1) / pairs, std::max<int64_t>(1, max_len / 256));
+  splits = std::max<int64_t>(splits, 1);
+  p.split_len = std::max<int64_t>(cpu::kTile, (max_len + splits - 1) / splits);
+  p.split_len = (p.split_len + cpu::kTile - 1) / cpu::kTile * cpu::kTile;
+  p.splits = std::max<int64_t>(1, (max_len + p.split_len - 1) / p.split_len);
+  at::Tensor part_acc, part_ml;
+  if (p.splits > 1) {
+    part_acc = at::empty({p.B * p.Hq * p.splits * p.Dv}, q.options().dtype(at::kFloat));
+    part_ml = at::empty({p.B * p.Hq * p.splits * 2}, q.options().dtype(at::kFloat));
+    p.part_acc = part_acc.data_ptr<float>(), p.part_ml = part_ml.data_ptr<float>();
+  }
+
+  const int level = isa_level();
+  const cpu::GqaDecodeItemsFn items_fn = level == 512   ? &cpu::avx512::gqa_decode_items
+                                         : level == 256 ? &cpu::avx2::gqa_decode_items
+                                                        : &cpu::generic::gqa_decode_items;
+  // Items differ in cost (ragged lengths), so threads pull them one at a time instead of static chunks.
+  const int64_t n_items = pairs * p.splits, scratch_floats = cpu::gqa_decode_scratch_floats(p);
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min(threads, n_items), 1, [&](int64_t, int64_t) {
+    std::vector<float> scratch(scratch_floats);
+    for (int64_t i = next.fetch_add(1); i < n_items; i = next.fetch_add(1)) items_fn(p, i, i + 1, scratch.data());
+  });
+  if (p.splits > 1) combine_splits(p);
+  return out;
+}
+
+}  // namespace effkern

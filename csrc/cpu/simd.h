@@ -1,0 +1,140 @@
+// A minimal fp32 SIMD vector for the CPU kernels, one definition per instruction-set level.
+//
+// A <kernel>_isa.cpp file includes <immintrin.h> and the standard headers first, then, once per ISA level:
+// `#pragma GCC push_options` + `#pragma GCC target(...)`, defines EFFKERN_ISA_LEVEL (512, 256 or 0) and
+// EFFKERN_ISA (the namespace name), includes this header and the kernel header, and pops the options.
+// Everything here lives in that per-ISA namespace, so the copies never collide at link time (an inline
+// function compiled for AVX-512 must never be picked by the linker for the generic path).
+// No include guard: included once per ISA (see gqa_decode_isa.cpp).
+
+namespace effkern::cpu::EFFKERN_ISA {
+
+// Scalar fp16/bf16 <-> fp32 (bf16 rounds to nearest even, NaN stays NaN).
+inline float half_bits_to_float(uint16_t h, bool bf16) {
+  if (bf16) {
+    uint32_t u = static_cast<uint32_t>(h) << 16;
+    float f;
+    std::memcpy(&f, &u, sizeof f);
+    return f;
+  }
+  _Float16 x;
+  std::memcpy(&x, &h, sizeof x);
+  return static_cast<float>(x);
+}
+
+inline uint16_t float_to_half_bits(float f, bool bf16) {
+  uint16_t h;
+  if (bf16) {
+    uint32_t u;
+    std::memcpy(&u, &f, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);  // quiet NaN
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return static_cast<uint16_t>(u >> 16);
+  }
+  _Float16 x = static_cast<_Float16>(f);
+  std::memcpy(&h, &x, sizeof h);
+  return h;
+}
+
+#if EFFKERN_ISA_LEVEL == 512
+struct Vec {
+  static constexpr int W = 16;
+  __m512 v;
+  static Vec zero() { return {_mm512_setzero_ps()}; }
+  static Vec set1(float x) { return {_mm512_set1_ps(x)}; }
+  static Vec load(const float* p) { return {_mm512_loadu_ps(p)}; }
+  static Vec load(const uint16_t* p, bool bf16) {
+    __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    if (bf16) return {_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16))};
+    return {_mm512_cvtph_ps(h)};
+  }
+  void store(float* p) const { _mm512_storeu_ps(p, v); }
+  static Vec fma(Vec a, Vec b, Vec c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
+  static Vec max(Vec a, Vec b) { return {_mm512_max_ps(a.v, b.v)}; }
+  static Vec min(Vec a, Vec b) { return {_mm512_min_ps(a.v, b.v)}; }
+  float sum() const { return _mm512_reduce_add_ps(v); }
+  static Vec round(Vec a) { return {_mm512_roundscale_ps(a.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)}; }
+  // 2^n for integral-valued n in [-126, 127]: build the exponent field directly.
+  static Vec exp2i(Vec n) {
+    return {_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n.v), _mm512_set1_epi32(127)), 23))};
+  }
+};
+inline Vec operator+(Vec a, Vec b) { return {_mm512_add_ps(a.v, b.v)}; }
+inline Vec operator-(Vec a, Vec b) { return {_mm512_sub_ps(a.v, b.v)}; }
+inline Vec operator*(Vec a, Vec b) { return {_mm512_mul_ps(a.v, b.v)}; }
+#elif EFFKERN_ISA_LEVEL == 256
+struct Vec {
+  static constexpr int W = 8;
+  __m256 v;
+  static Vec zero() { return {_mm256_setzero_ps()}; }
+  static Vec set1(float x) { return {_mm256_set1_ps(x)}; }
+  static Vec load(const float* p) { return {_mm256_loadu_ps(p)}; }
+  static Vec load(const uint16_t* p, bool bf16) {
+    __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    if (bf16) return {_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))};
+    return {_mm256_cvtph_ps(h)};
+  }
+  void store(float* p) const { _mm256_storeu_ps(p, v); }
+  static Vec fma(Vec a, Vec b, Vec c) { return {_mm256_fmadd_ps(a.v, b.v, c.v)}; }
+  static Vec max(Vec a, Vec b) { return {_mm256_max_ps(a.v, b.v)}; }
+  static Vec min(Vec a, Vec b) { return {_mm256_min_ps(a.v, b.v)}; }
+  float sum() const {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+  }
+  static Vec round(Vec a) { return {_mm256_round_ps(a.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)}; }
+  static Vec exp2i(Vec n) {
+    return {_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n.v), _mm256_set1_epi32(127)), 23))};
+  }
+};
+inline Vec operator+(Vec a, Vec b) { return {_mm256_add_ps(a.v, b.v)}; }
+inline Vec operator-(Vec a, Vec b) { return {_mm256_sub_ps(a.v, b.v)}; }
+inline Vec operator*(Vec a, Vec b) { return {_mm256_mul_ps(a.v, b.v)}; }
+#else
+// Portable fallback for CPUs without AVX2/FMA: one lane, plain C++.
+struct Vec {
+  static constexpr int W = 1;
+  float v;
+  static Vec zero() { return {0.f}; }
+  static Vec set1(float x) { return {x}; }
+  static Vec load(const float* p) { return {*p}; }
+  static Vec load(const uint16_t* p, bool bf16) { return {half_bits_to_float(*p, bf16)}; }
+  void store(float* p) const { *p = v; }
+  static Vec fma(Vec a, Vec b, Vec c) { return {a.v * b.v + c.v}; }
+  static Vec max(Vec a, Vec b) { return {a.v > b.v ? a.v : b.v}; }
+  static Vec min(Vec a, Vec b) { return {a.v < b.v ? a.v : b.v}; }
+  float sum() const { return v; }
+  static Vec round(Vec a) { return {std::nearbyint(a.v)}; }
+  static Vec exp2i(Vec n) {
+    uint32_t bits = static_cast<uint32_t>(static_cast<int32_t>(n.v) + 127) << 23;
+    float f;
+    std::memcpy(&f, &bits, sizeof f);
+    return {f};
+  }
+};
+inline Vec operator+(Vec a, Vec b) { return {a.v + b.v}; }
+inline Vec operator-(Vec a, Vec b) { return {a.v - b.v}; }
+inline Vec operator*(Vec a, Vec b) { return {a.v * b.v}; }
+#endif
+
+// exp(x) for x <= 0 (softmax arguments), ~2 ulp: Cody-Waite reduction x = n ln2 + r, |r| <= ln2/2, then a
+// degree-6 polynomial for e^r (Cephes expf coefficients) and 2^n from the exponent bits. Inputs below
+// -87.3 are clamped (the result, ~1e-38, is flushed to 0 by the caller where it matters).
+inline Vec exp_nonpositive(Vec x) {
+  x = Vec::max(x, Vec::set1(-87.3f));
+  Vec n = Vec::round(x * Vec::set1(1.44269504088896341f));
+  Vec r = Vec::fma(n, Vec::set1(-0.693359375f), x);  // ln2 split in a high part exact in fp32...
+  r = Vec::fma(n, Vec::set1(2.12194440e-4f), r);      // ...and the low remainder
+  Vec p = Vec::set1(1.9875691500e-4f);
+  p = Vec::fma(p, r, Vec::set1(1.3981999507e-3f));
+  p = Vec::fma(p, r, Vec::set1(8.3334519073e-3f));
+  p = Vec::fma(p, r, Vec::set1(4.1665795894e-2f));
+  p = Vec::fma(p, r, Vec::set1(1.6666665459e-1f));
+  p = Vec::fma(p, r, Vec::set1(5.0000001201e-1f));
+  p = Vec::fma(p, r * r, r + Vec::set1(1.f));
+  return p * Vec::exp2i(n);
+}
+
+}  // namespace effkern::cpu::EFFKERN_ISA

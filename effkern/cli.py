@@ -1,0 +1,85 @@
+"""The ``effkern`` command: ``effkern info`` and ``effkern bench <op>``; method subcommands join as they land."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import platform
+import runpy
+import sys
+from pathlib import Path
+
+import torch
+
+from effkern.ops import _backend
+
+CPU_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_fp16", "amx_tile")
+
+
+def _version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _cpu_flags() -> list[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    have = set(line.split(":", 1)[-1].split())
+    return [f for f in CPU_FLAGS if f in have]
+
+
+def info() -> dict:
+    """Versions, built extensions, usable backends per device, CPU features and GPUs."""
+    ext = _backend.extension()
+    out = {
+        "effkern": _version("effkern"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "triton": _version("triton"),
+        "timm": _version("timm"),
+        "transformers": _version("transformers"),
+        "extension": "not built" if ext is None else ext.__file__,
+        "cuda_kernels_built": bool(getattr(ext, "HAS_CUDA", False)),
+        "cpu_kernel_isa": ext.cpu_isa() if ext is not None else None,
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_flags": _cpu_flags(),
+        "threads": torch.get_num_threads(),
+        "backends_cpu": _backend.usable_backends(torch.device("cpu")),
+        "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        if torch.cuda.is_available() else [],
+    }
+    if out["gpus"]:
+        out["backends_cuda"] = _backend.usable_backends(torch.device("cuda"))
+    return out
+
+
+def _bench(name: str, rest: list[str]) -> None:
+    script = Path(__file__).resolve().parent.parent / "bench" / f"{name}.py"
+    if not script.exists():
+        raise SystemExit(f"no benchmark {script}: `effkern bench` needs a source checkout (bench/ is not installed)")
+    sys.argv = [str(script), *rest]
+    runpy.run_path(str(script), run_name="__main__")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="effkern", description="effkern kernels and method flows")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="versions, built kernels, usable backends, CPU/GPU")
+    bench = sub.add_parser("bench", help="run bench/<op>.py from the source checkout, e.g. `effkern bench gqa_decode`")
+    bench.add_argument("name")
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "info":
+        for key, value in info().items():
+            print(f"{key:>20}: {value}")
+    elif args.command == "bench":
+        _bench(args.name, rest)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,7 @@
+"""One public function per op, each declared once as a ``torch.library`` custom op (namespace ``effkern``)."""
+
+from effkern.ops.gqa_decode import gqa_decode
+from effkern.ops.kv_append import kv_append
+from effkern.ops.rope import Rope
+
+__all__ = ["Rope", "gqa_decode", "kv_append"]
