@@ -1,0 +1,226 @@
+// Thin torch glue for the torch-free CUDA launchers (gqa_decode.cuh, kv_append.cuh): argument checks, device
+// guard, current stream, caching-allocator output and workspace, launch error reporting. Only light ATen/c10
+// headers on purpose: torch/extension.h would make this nvcc compile take ~110 s and ~3 GB.
+#include <ATen/core/Tensor.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <optional>
+#include <utility>
+
+#include "../ops.h"
+#include "gqa_decode.cuh"
+#include "kv_append.cuh"
+
+namespace effkern {
+namespace {
+
+cudaDataType_t cuda_dtype(const at::Tensor& t, const char* op, const char* name) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return CUDA_R_32F;
+    case at::kHalf: return CUDA_R_16F;
+    case at::kBFloat16: return CUDA_R_16BF;
+    default: TORCH_CHECK(false, op, ": ", name, " must be float32, float16 or bfloat16, got ", t.scalar_type());
+  }
+}
+
+void check_cuda(const at::Tensor& t, const at::Tensor& ref, const char* op, const char* name) {
+  TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got ", t.device());
+  TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " must be on ", ref.device(), ", got ", t.device());
+}
+
+void check_cache(const at::Tensor& c, const at::Tensor& ref, const char* op, const char* name) {
+  check_cuda(c, ref, op, name);
+  TORCH_CHECK(c.dim() == 4, op, ": ", name, " must be 4-D [B, Hkv, S_max, D], got ", c.sizes());
+  TORCH_CHECK(c.scalar_type() == ref.scalar_type(), op, ": ", name, " must have dtype ", ref.scalar_type(), ", got ",
+              c.scalar_type());
+  TORCH_CHECK(c.size(3) <= 1 || c.stride(3) == 1, op, ": ", name, " must have a contiguous last dim, got strides ",
+              c.strides());
+}
+
+void check_index(const at::Tensor& t, const at::Tensor& ref, int64_t b, const char* op, const char* name) {
+  check_cuda(t, ref, op, name);
+  TORCH_CHECK(t.scalar_type() == at::kInt && t.dim() == 1 && t.size(0) == b, op, ": ", name,
+              " must be an int32 [B=", b, "] tensor, got ", t.scalar_type(), " ", t.sizes());
+}
+
+// Returns the cos/sin data pointers (null when rotary_dim == 0) after checking them against [B, R/2].
+std::pair<const float*, const float*> rope_tables(const std::optional<at::Tensor>& cos,
+                                                  const std::optional<at::Tensor>& sin, const at::Tensor& ref,
+                                                  int64_t b, int64_t rotary_dim, const char* op) {
+  if (rotary_dim == 0) return {nullptr, nullptr};
+  TORCH_CHECK(rotary_dim > 0 && rotary_dim % 2 == 0, op, ": rotary_dim must be even and >= 0, got ", rotary_dim);
+  TORCH_CHECK(cos.has_value() && sin.has_value(), op, ": rotary_dim=", rotary_dim, " needs cos and sin");
+  for (const auto* t : {&*cos, &*sin}) {
+    check_cuda(*t, ref, op, "cos/sin");
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->dim() == 2 && t->size(0) == b &&
+                    t->size(1) == rotary_dim / 2 && t->is_contiguous(),
+                op, ": cos and sin must be contiguous float32 [B=", b, ", R/2=", rotary_dim / 2, "], got ",
+                t->scalar_type(), " ", t->sizes());
+  }
+  return {cos->data_ptr<float>(), sin->data_ptr<float>()};
+}
+
+// Turns a launcher status into a torch error: argument errors carry the launcher's message.
+void check_launch(cudaError_t err, const char* why, const char* op) {
+  if (err == cudaErrorInvalidValue && why != nullptr) TORCH_CHECK(false, op, ": ", why);
+  C10_CUDA_CHECK(err);
+}
+
+}  // namespace
+
+at::Tensor gqa_decode_cuda(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                           const at::Tensor& seq_lens, const std::optional<at::Tensor>& cos,
+                           const std::optional<at::Tensor>& sin, const std::optional<at::Tensor>& q_proj,
+                           double scale, double softcap, int64_t rope_style, int64_t rotary_dim) {
+  constexpr const char* op = "gqa_decode_cuda";
+  TORCH_CHECK(q.is_cuda(), op, ": q must be a CUDA tensor, got ", q.device());
+  TORCH_CHECK(q.dim() == 3 && q.is_contiguous(), op, ": q must be a contiguous [B, Hq, D] tensor, got ", q.sizes());
+  const cudaDataType_t dtype = cuda_dtype(q, op, "q");
+  check_cache(k_cache, q, op, "k_cache");
+  check_cache(v_cache, q, op, "v_cache");
+  const int64_t b = q.size(0), hq = q.size(1), d = q.size(2);
+  const int64_t hkv = k_cache.size(1), s_max = k_cache.size(2), dk = k_cache.size(3), dv = v_cache.size(3);
+  TORCH_CHECK(k_cache.size(0) == b, op, ": k_cache must have B=", b, " rows, got ", k_cache.sizes());
+  TORCH_CHECK(v_cache.size(0) == b && v_cache.size(1) == hkv && v_cache.size(2) == s_max, op,
+              ": v_cache must be [B, Hkv, S_max] = [", b, ", ", hkv, ", ", s_max, "] like k_cache, got ",
+              v_cache.sizes());
+  TORCH_CHECK(hkv > 0 && hq % hkv == 0, op, ": Hq=", hq, " must be a multiple of Hkv=", hkv);
+  const at::Tensor lens = seq_lens.contiguous();  // a no-op for the op's normalised int32 tensor
+  check_index(lens, q, b, op, "seq_lens");
+  const float* q_proj_ptr = nullptr;
+  if (q_proj.has_value()) {
+    check_cuda(*q_proj, q, op, "q_proj");
+    TORCH_CHECK(q_proj->scalar_type() == at::kFloat && q_proj->is_contiguous() && q_proj->dim() == 3 &&
+                    q_proj->size(0) == hq && q_proj->size(1) == d && q_proj->size(2) == dk,
+                op, ": q_proj must be a contiguous float32 [Hq, D, Dk] = [", hq, ", ", d, ", ", dk, "], got ",
+                q_proj->scalar_type(), " ", q_proj->sizes());
+    q_proj_ptr = q_proj->data_ptr<float>();
+  } else {
+    TORCH_CHECK(dk == d, op, ": k_cache's head dim Dk=", dk, " must equal q's D=", d, " without q_proj");
+  }
+  TORCH_CHECK(std::max(dk, dv) <= gpu::kGqaDecodeMaxHeadDim, op, ": head dims up to ", gpu::kGqaDecodeMaxHeadDim,
+              " (got Dk=", dk, ", Dv=", dv, "); larger heads use the Triton kernel");
+  const auto [cos_ptr, sin_ptr] = rope_tables(cos, sin, q, b, rotary_dim, op);
+
+  const c10::cuda::CUDAGuard guard(q.device());
+  at::Tensor out = at::empty({b, hq, dv}, q.options());
+  if (out.numel() == 0) return out;
+
+  gpu::GqaDecodeArgs args;
+  args.dtype = dtype;
+  args.q = q.data_ptr();
+  args.k_cache = k_cache.data_ptr();
+  args.v_cache = v_cache.data_ptr();
+  args.seq_lens = lens.data_ptr<int32_t>();
+  args.cos = cos_ptr;
+  args.sin = sin_ptr;
+  args.q_proj = q_proj_ptr;
+  args.out = out.data_ptr();
+  args.batch = b;
+  args.q_heads = hq;
+  args.kv_heads = hkv;
+  args.head_dim = d;
+  args.k_dim = dk;
+  args.v_dim = dv;
+  args.max_seq = s_max;
+  args.k_stride_b = k_cache.stride(0);
+  args.k_stride_h = k_cache.stride(1);
+  args.k_stride_s = k_cache.stride(2);
+  args.v_stride_b = v_cache.stride(0);
+  args.v_stride_h = v_cache.stride(1);
+  args.v_stride_s = v_cache.stride(2);
+  args.scale = static_cast<float>(scale);
+  args.softcap = static_cast<float>(softcap);
+  args.rope_style = static_cast<int>(rope_style);
+  args.rotary_dim = static_cast<int>(rotary_dim);
+  args.num_sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+
+  const size_t ws_bytes = gpu::gqa_decode_workspace_bytes(args);
+  at::Tensor workspace;  // from the caching allocator: freed here, reused only after this stream's work
+  if (ws_bytes > 0) workspace = at::empty({static_cast<int64_t>(ws_bytes)}, q.options().dtype(at::kByte));
+  const char* why = nullptr;
+  const cudaError_t err = gpu::gqa_decode_launch(args, ws_bytes > 0 ? workspace.data_ptr() : nullptr, ws_bytes,
+                                                 at::cuda::getCurrentCUDAStream(), &why);
+  check_launch(err, why, op);
+  return out;
+}
+
+void kv_append_cuda(at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& k, const at::Tensor& v,
+                    const at::Tensor& slots, const std::optional<at::Tensor>& cos,
+                    const std::optional<at::Tensor>& sin, const std::optional<at::Tensor>& k_proj,
+                    int64_t rope_style, int64_t rotary_dim) {
+  constexpr const char* op = "kv_append_cuda";
+  TORCH_CHECK(k_cache.is_cuda(), op, ": k_cache must be a CUDA tensor, got ", k_cache.device());
+  const cudaDataType_t dtype = cuda_dtype(k_cache, op, "k_cache");
+  check_cache(k_cache, k_cache, op, "k_cache");
+  check_cache(v_cache, k_cache, op, "v_cache");
+  const int64_t b = k_cache.size(0), hkv = k_cache.size(1), s_max = k_cache.size(2), dk = k_cache.size(3);
+  const int64_t dv = v_cache.size(3);
+  TORCH_CHECK(v_cache.size(0) == b && v_cache.size(1) == hkv && v_cache.size(2) == s_max, op,
+              ": v_cache must be [B, Hkv, S_max] = [", b, ", ", hkv, ", ", s_max, "] like k_cache, got ",
+              v_cache.sizes());
+  check_cuda(k, k_cache, op, "k");
+  check_cuda(v, k_cache, op, "v");
+  TORCH_CHECK(k.dim() == 3 && k.is_contiguous() && k.size(0) == b && k.scalar_type() == k_cache.scalar_type(), op,
+              ": k must be a contiguous [B=", b, ", Hk, D] tensor of the cache dtype, got ", k.scalar_type(), " ",
+              k.sizes());
+  TORCH_CHECK(v.dim() == 3 && v.is_contiguous() && v.size(0) == b && v.size(1) == hkv && v.size(2) == dv &&
+                  v.scalar_type() == k_cache.scalar_type(),
+              op, ": v must be a contiguous [B, Hkv, Dv] = [", b, ", ", hkv, ", ", dv,
+              "] tensor of the cache dtype, got ", v.scalar_type(), " ", v.sizes());
+  const int64_t hk = k.size(1), d = k.size(2);
+  const at::Tensor slot_idx = slots.contiguous();
+  check_index(slot_idx, k_cache, b, op, "slots");
+  const float* k_proj_ptr = nullptr;
+  if (k_proj.has_value()) {
+    TORCH_CHECK(hkv > 0 && hk % hkv == 0, op, ": k's Hk=", hk, " must be a multiple of Hkv=", hkv);
+    check_cuda(*k_proj, k_cache, op, "k_proj");
+    TORCH_CHECK(k_proj->scalar_type() == at::kFloat && k_proj->is_contiguous() && k_proj->dim() == 3 &&
+                    k_proj->size(0) == hkv && k_proj->size(1) == hk / hkv * d && k_proj->size(2) == dk,
+                op, ": k_proj must be a contiguous float32 [Hkv, g*D, Dk] = [", hkv, ", ", hk / hkv * d, ", ", dk,
+                "], got ", k_proj->scalar_type(), " ", k_proj->sizes());
+    k_proj_ptr = k_proj->data_ptr<float>();
+  } else {
+    TORCH_CHECK(hk == hkv && d == dk, op, ": without k_proj, k [B, Hk, D] must match the cache's (Hkv=", hkv,
+                ", Dk=", dk, "), got ", k.sizes());
+  }
+  const auto [cos_ptr, sin_ptr] = rope_tables(cos, sin, k_cache, b, rotary_dim, op);
+  if (b == 0 || hkv == 0) return;
+
+  const c10::cuda::CUDAGuard guard(k_cache.device());
+  gpu::KvAppendArgs args;
+  args.dtype = dtype;
+  args.k_cache = k_cache.data_ptr();
+  args.v_cache = v_cache.data_ptr();
+  args.k = k.data_ptr();
+  args.v = v.data_ptr();
+  args.slots = slot_idx.data_ptr<int32_t>();
+  args.cos = cos_ptr;
+  args.sin = sin_ptr;
+  args.k_proj = k_proj_ptr;
+  args.batch = b;
+  args.k_heads = hk;
+  args.kv_heads = hkv;
+  args.head_dim = d;
+  args.k_dim = dk;
+  args.v_dim = dv;
+  args.max_seq = s_max;
+  args.k_stride_b = k_cache.stride(0);
+  args.k_stride_h = k_cache.stride(1);
+  args.k_stride_s = k_cache.stride(2);
+  args.v_stride_b = v_cache.stride(0);
+  args.v_stride_h = v_cache.stride(1);
+  args.v_stride_s = v_cache.stride(2);
+  args.rope_style = static_cast<int>(rope_style);
+  args.rotary_dim = static_cast<int>(rotary_dim);
+  const char* why = nullptr;
+  const cudaError_t err = gpu::kv_append_launch(args, at::cuda::getCurrentCUDAStream(), &why);
+  check_launch(err, why, op);
+}
+
+}  // namespace effkern

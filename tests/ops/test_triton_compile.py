@@ -1,0 +1,131 @@
+"""Every Triton kernel in triton_kernels/ compiles for real GPUs (sm_80, sm_90) in fp32/fp16/bf16, without a GPU.
+
+``triton.compile(ASTSource(...), target=GPUTarget(...))`` runs the whole NVIDIA pipeline (TTIR -> TTGIR -> LLVM
+-> PTX -> cubin via the bundled ptxas); the bundled cuobjdump then reads registers and stack (spills) from the
+cubin. The compile runs in subprocesses with TRITON_INTERPRET removed: under the interpreter ``@triton.jit``
+yields interpreter functions, and the test session sets it before triton is imported.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("triton")
+
+ARCHS = (80, 90)
+DTYPES = ("fp32", "fp16", "bf16")
+SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # max shared memory per block (A100, H100)
+
+# Runs in the child: compiles every (kernel variant, dtype) for one arch and prints one JSON line each.
+COMPILE_SCRIPT = r"""
+import json, re, subprocess, sys, tempfile
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+arch = int(sys.argv[1])
+from effkern.triton_kernels import gqa_decode as gqa
+from effkern.triton_kernels import kv_append as kv
+bs, rows = gqa.block_size, gqa.chunk_rows
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DATA_PTRS = {"q_ptr", "k_ptr", "v_ptr", "out_ptr", "k_cache_ptr", "v_cache_ptr"}  # in the model's dtype
+INT_PTRS = {"seq_lens_ptr", "slots_ptr"}
+FLOATS = {"scale", "softcap"}
+
+
+def arg_type(name, dtype):
+    if name in DATA_PTRS:
+        return "*" + dtype
+    if name in INT_PTRS:
+        return "*i32"
+    if name.endswith("_ptr"):
+        return "*fp32"  # RoPE tables, projections, fp32 scratch
+    return "fp32" if name in FLOATS else "i32"  # strides and counts
+
+
+def variants(dtype):
+    # (kernel, name, constexprs, strides divisible by 16, launch options) as the launchers choose them
+    dec = dict(num_warps=gqa.NUM_WARPS, num_stages=gqa.DECODE_STAGES)
+    plain = dict(num_warps=gqa.NUM_WARPS)
+    t = DTYPES[dtype]
+    yield gqa._rotate_project_q_kernel, "rope", dict(
+        HEAD_D=128, HEAD_DK=128, ROT_DIM=64, ROPE_STYLE=0, HAS_PROJ=False, BLOCK_DK=128, BLOCK_C=rows(128, 128)
+    ), True, plain
+    yield gqa._rotate_project_q_kernel, "rope+proj", dict(
+        HEAD_D=96, HEAD_DK=80, ROT_DIM=96, ROPE_STYLE=1, HAS_PROJ=True, BLOCK_DK=bs(80), BLOCK_C=rows(96, bs(80))
+    ), True, plain
+    yield gqa._decode_split_kernel, "g8-d128", gqa.decode_constexprs(t, 8, 128, 128, 1, False, False), True, dec
+    yield gqa._decode_split_kernel, "g5-dk80-dv96-split-softcap", gqa.decode_constexprs(
+        t, 5, 80, 96, 8, True, False), True, dec
+    yield gqa._decode_split_kernel, "g32-d256-split", gqa.decode_constexprs(t, 32, 256, 256, 4, False, False), True, dec
+    # a contiguous Dk = 72 cache: key stride 72 is not a multiple of 16, so no vector loads
+    yield gqa._decode_split_kernel, "g1-d72-unaligned", gqa.decode_constexprs(t, 1, 72, 72, 1, False, False), False, dec
+    yield gqa._combine_splits_kernel, "split8-dv96", dict(
+        NUM_SPLITS=8, HEAD_DV=96, BLOCK_S=8, BLOCK_DV=bs(96)), True, plain
+    yield kv._kv_append_kernel, "rope", dict(
+        GROUP=1, HEAD_D=128, HEAD_DK=128, HEAD_DV=128, ROT_DIM=128, ROPE_STYLE=0, HAS_PROJ=False,
+        BLOCK_DK=128, BLOCK_DV=128, BLOCK_C=rows(128, 128)), True, plain
+    yield kv._kv_append_kernel, "rope+proj", dict(
+        GROUP=2, HEAD_D=64, HEAD_DK=96, HEAD_DV=80, ROT_DIM=32, ROPE_STYLE=1, HAS_PROJ=True,
+        BLOCK_DK=bs(96), BLOCK_DV=bs(80), BLOCK_C=rows(128, bs(96))), True, plain
+
+
+def resources(cubin):
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        dump = subprocess.run([triton.knobs.nvidia.cuobjdump.path, "-res-usage", f.name], capture_output=True,
+                              text=True, check=True).stdout
+    return {key: int(n) for key, n in re.findall(r"\b(REG|STACK):(\d+)", dump)}
+
+
+target = GPUTarget("cuda", arch, 32)
+for dtype in DTYPES:
+    for fn, variant, constexprs, aligned, options in variants(dtype):
+        signature = {n: "constexpr" if n in constexprs else arg_type(n, dtype) for n in fn.arg_names}
+        # the JIT's specialisation of typical arguments: 16-byte aligned pointers, strides divisible by 16
+        attrs = {(i,): [["tt.divisibility", 16]] for i, (n, ty) in enumerate(signature.items())
+                 if ty.startswith("*") or (aligned and n.startswith("stride"))}
+        src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+        compiled = triton.compile(src, target=target, options=options)
+        ptx = compiled.asm["ptx"]
+        print(json.dumps(dict(
+            kernel=fn.__name__, variant=variant, dtype=dtype, aligned=aligned, cubin_bytes=len(compiled.asm["cubin"]),
+            ptx_target=re.search(r"^\.target (\w+)", ptx, re.M).group(1), mma="mma" in ptx,
+            shared=compiled.metadata.shared, **resources(compiled.asm["cubin"]))))
+"""
+
+
+@pytest.fixture(scope="module")
+def compiled() -> dict[int, list[dict]]:
+    """Per arch, one record per compiled kernel variant; the archs compile in parallel child processes."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    procs = {arch: subprocess.Popen([sys.executable, "-c", COMPILE_SCRIPT, str(arch)], env=env,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for arch in ARCHS}
+    results = {}
+    for arch, proc in procs.items():
+        out, err = proc.communicate(timeout=900)
+        assert proc.returncode == 0, f"sm_{arch} compile failed:\n{err[-4000:]}"
+        results[arch] = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    return results
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_triton_kernels_compile_for_gpu(compiled, arch):
+    records = compiled[arch]
+    assert len(records) == len(DTYPES) * 9  # every dtype x variant compiled
+    for r in records:
+        where = f"{r['kernel']}[{r['variant']}, {r['dtype']}] on sm_{arch}"
+        assert r["cubin_bytes"] > 0, where
+        assert r["ptx_target"] == ("sm_90a" if arch == 90 else "sm_80"), where
+        assert r["shared"] <= SHARED_LIMIT[arch], (where, r["shared"])
+        if r["aligned"]:
+            assert r["STACK"] == 0, f"{where} spills registers: {r}"
+        if r["kernel"] == "_decode_split_kernel" and r["dtype"] != "fp32":
+            assert r["mma"], f"{where}: 16-bit caches must reach the tensor cores"
