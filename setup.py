@@ -60,7 +60,10 @@ if mode == "1" and not cuda_possible:
     )
 with_cuda = cuda_possible and mode != "0"
 
-cxx_flags = ["-O3", "-std=c++20", "-fvisibility=hidden"]
+# -fopenmp: at::parallel_for is a header template that runs serially unless the caller is built with OpenMP
+# (the loader then reuses the libgomp.so.1 that torch ships, so there is one OpenMP runtime).
+cxx_flags = ["-O3", "-std=c++20", "-fvisibility=hidden", "-fopenmp"]
+link_flags = ["-fopenmp"]
 sources = sorted(glob("csrc/bindings.cpp") + glob("csrc/cpu/*.cpp"))
 if with_cuda:
     sources += sorted(glob("csrc/cuda/*.cu"))
@@ -72,13 +75,20 @@ if with_cuda:
         sources,
         include_dirs=[str(ROOT / "csrc"), nvidia_include],
         define_macros=[("EFFKERN_WITH_CUDA", None)],
+        extra_link_args=link_flags,
         extra_compile_args={
             "cxx": cxx_flags,
             "nvcc": ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"],
         },
     )
 else:
-    ext = CppExtension("effkern._C", sources, include_dirs=[str(ROOT / "csrc")], extra_compile_args=cxx_flags)
+    ext = CppExtension(
+        "effkern._C",
+        sources,
+        include_dirs=[str(ROOT / "csrc")],
+        extra_compile_args=cxx_flags,
+        extra_link_args=link_flags,
+    )
 
 setup(
     ext_modules=[ext],

@@ -17,7 +17,9 @@ def median_time(fn, device: str, min_run_time: float = 0.5) -> float:
 
         return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") / 1e3
     fn()  # warm up (first-call allocations, lazy imports)
-    return tb.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time).median
+    # torch.utils.benchmark runs on ONE thread unless told otherwise
+    timer = tb.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    return timer.blocked_autorange(min_run_time=min_run_time).median
 
 
 def copy_bandwidth(device: str, nbytes: int = 1 << 30) -> float:

@@ -36,6 +36,17 @@ inline uint16_t float_to_half_bits(float f, bool bf16) {
   return h;
 }
 
+#if EFFKERN_ISA_LEVEL >= 256
+// out[i] = sum of the 8 lanes of h[i]: hadd pairs twice (each level halves the vectors), then add the two
+// 128-bit halves, which hold the lane 0-3 and lane 4-7 partial sums.
+inline void hadd_tree8(const __m256* h, float* out) {
+  const __m256 a01 = _mm256_hadd_ps(h[0], h[1]), a23 = _mm256_hadd_ps(h[2], h[3]);
+  const __m256 a45 = _mm256_hadd_ps(h[4], h[5]), a67 = _mm256_hadd_ps(h[6], h[7]);
+  const __m256 b0 = _mm256_hadd_ps(a01, a23), b1 = _mm256_hadd_ps(a45, a67);
+  _mm256_storeu_ps(out, _mm256_add_ps(_mm256_permute2f128_ps(b0, b1, 0x20), _mm256_permute2f128_ps(b0, b1, 0x31)));
+}
+#endif
+
 #if EFFKERN_ISA_LEVEL == 512
 struct Vec {
   static constexpr int W = 16;
@@ -53,6 +64,13 @@ struct Vec {
   static Vec max(Vec a, Vec b) { return {_mm512_max_ps(a.v, b.v)}; }
   static Vec min(Vec a, Vec b) { return {_mm512_min_ps(a.v, b.v)}; }
   float sum() const { return _mm512_reduce_add_ps(v); }
+  // out[i] = sum of v[i] for 8 vectors: fold each to 256 bits, then one shared hadd tree (far fewer shuffles
+  // than 8 separate reductions).
+  static void sum8(const Vec* v, float* out) {
+    __m256 h[8];
+    for (int i = 0; i < 8; ++i) h[i] = _mm256_add_ps(_mm512_castps512_ps256(v[i].v), _mm512_extractf32x8_ps(v[i].v, 1));
+    hadd_tree8(h, out);
+  }
   static Vec round(Vec a) { return {_mm512_roundscale_ps(a.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)}; }
   // 2^n for integral-valued n in [-126, 127]: build the exponent field directly.
   static Vec exp2i(Vec n) {
@@ -78,6 +96,11 @@ struct Vec {
   static Vec fma(Vec a, Vec b, Vec c) { return {_mm256_fmadd_ps(a.v, b.v, c.v)}; }
   static Vec max(Vec a, Vec b) { return {_mm256_max_ps(a.v, b.v)}; }
   static Vec min(Vec a, Vec b) { return {_mm256_min_ps(a.v, b.v)}; }
+  static void sum8(const Vec* v, float* out) {
+    __m256 h[8];
+    for (int i = 0; i < 8; ++i) h[i] = v[i].v;
+    hadd_tree8(h, out);
+  }
   float sum() const {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -106,6 +129,9 @@ struct Vec {
   static Vec max(Vec a, Vec b) { return {a.v > b.v ? a.v : b.v}; }
   static Vec min(Vec a, Vec b) { return {a.v < b.v ? a.v : b.v}; }
   float sum() const { return v; }
+  static void sum8(const Vec* v, float* out) {
+    for (int i = 0; i < 8; ++i) out[i] = v[i].v;
+  }
   static Vec round(Vec a) { return {std::nearbyint(a.v)}; }
   static Vec exp2i(Vec n) {
     uint32_t bits = static_cast<uint32_t>(static_cast<int32_t>(n.v) + 127) << 23;
