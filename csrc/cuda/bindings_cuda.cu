@@ -71,6 +71,23 @@ void check_launch(cudaError_t err, const char* why, const char* op) {
   C10_CUDA_CHECK(err);
 }
 
+// The cache pointers, layout and RoPE fields both launchers' argument structs share.
+template <typename Args>
+void set_cache_args(Args& a, const at::Tensor& k_cache, const at::Tensor& v_cache, int64_t rope_style,
+                    int64_t rotary_dim) {
+  a.k_cache = k_cache.data_ptr();
+  a.v_cache = v_cache.data_ptr();
+  a.max_seq = k_cache.size(2);
+  a.k_stride_b = k_cache.stride(0);
+  a.k_stride_h = k_cache.stride(1);
+  a.k_stride_s = k_cache.stride(2);
+  a.v_stride_b = v_cache.stride(0);
+  a.v_stride_h = v_cache.stride(1);
+  a.v_stride_s = v_cache.stride(2);
+  a.rope_style = static_cast<int>(rope_style);
+  a.rotary_dim = static_cast<int>(rotary_dim);
+}
+
 }  // namespace
 
 at::Tensor gqa_decode_cuda(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
@@ -113,9 +130,8 @@ at::Tensor gqa_decode_cuda(const at::Tensor& q, const at::Tensor& k_cache, const
 
   gpu::GqaDecodeArgs args;
   args.dtype = dtype;
+  set_cache_args(args, k_cache, v_cache, rope_style, rotary_dim);
   args.q = q.data_ptr();
-  args.k_cache = k_cache.data_ptr();
-  args.v_cache = v_cache.data_ptr();
   args.seq_lens = lens.data_ptr<int32_t>();
   args.cos = cos_ptr;
   args.sin = sin_ptr;
@@ -127,17 +143,8 @@ at::Tensor gqa_decode_cuda(const at::Tensor& q, const at::Tensor& k_cache, const
   args.head_dim = d;
   args.k_dim = dk;
   args.v_dim = dv;
-  args.max_seq = s_max;
-  args.k_stride_b = k_cache.stride(0);
-  args.k_stride_h = k_cache.stride(1);
-  args.k_stride_s = k_cache.stride(2);
-  args.v_stride_b = v_cache.stride(0);
-  args.v_stride_h = v_cache.stride(1);
-  args.v_stride_s = v_cache.stride(2);
   args.scale = static_cast<float>(scale);
   args.softcap = static_cast<float>(softcap);
-  args.rope_style = static_cast<int>(rope_style);
-  args.rotary_dim = static_cast<int>(rotary_dim);
   args.num_sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
 
   const size_t ws_bytes = gpu::gqa_decode_workspace_bytes(args);
@@ -195,8 +202,7 @@ void kv_append_cuda(at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& k,
   const c10::cuda::CUDAGuard guard(k_cache.device());
   gpu::KvAppendArgs args;
   args.dtype = dtype;
-  args.k_cache = k_cache.data_ptr();
-  args.v_cache = v_cache.data_ptr();
+  set_cache_args(args, k_cache, v_cache, rope_style, rotary_dim);
   args.k = k.data_ptr();
   args.v = v.data_ptr();
   args.slots = slot_idx.data_ptr<int32_t>();
@@ -209,15 +215,6 @@ void kv_append_cuda(at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& k,
   args.head_dim = d;
   args.k_dim = dk;
   args.v_dim = dv;
-  args.max_seq = s_max;
-  args.k_stride_b = k_cache.stride(0);
-  args.k_stride_h = k_cache.stride(1);
-  args.k_stride_s = k_cache.stride(2);
-  args.v_stride_b = v_cache.stride(0);
-  args.v_stride_h = v_cache.stride(1);
-  args.v_stride_s = v_cache.stride(2);
-  args.rope_style = static_cast<int>(rope_style);
-  args.rotary_dim = static_cast<int>(rotary_dim);
   const char* why = nullptr;
   const cudaError_t err = gpu::kv_append_launch(args, at::cuda::getCurrentCUDAStream(), &why);
   check_launch(err, why, op);

@@ -103,10 +103,12 @@ for dtype in DTYPES:
 
 
 @pytest.fixture(scope="module")
-def compiled() -> dict[int, list[dict]]:
-    """Per arch, one record per compiled kernel variant; the archs compile in parallel child processes."""
+def compiled(tmp_path_factory) -> dict[int, list[dict]]:
+    """Per arch, one record per compiled kernel variant; the archs compile in parallel child processes, run from
+    an empty folder so ``python -c`` cannot pick up a source checkout's effkern/ instead of the installed one."""
+    cwd = tmp_path_factory.mktemp("triton_compile")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    procs = {arch: subprocess.Popen([sys.executable, "-c", COMPILE_SCRIPT, str(arch)], env=env,
+    procs = {arch: subprocess.Popen([sys.executable, "-c", COMPILE_SCRIPT, str(arch)], env=env, cwd=cwd,
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for arch in ARCHS}
     results = {}
     for arch, proc in procs.items():
