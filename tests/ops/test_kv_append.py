@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import assert_close, env, requires_cuda, requires_ext, strided_cache
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from effkern.ops import Rope, kv_append
 from effkern.ops.rope import STYLES, apply_rope
@@ -46,6 +48,29 @@ def test_grouped_projection(dtype):
     k, v = torch.randn(2, 6, 64).to(dtype), torch.randn(2, 2, 64).to(dtype)
     proj = torch.randn(2, 3 * 64, 40) / 14
     check("cpu", kc, vc, k, v, torch.tensor([3, 9]), rope=Rope(), k_proj=proj)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    b=st.integers(1, 3),
+    hkv=st.integers(1, 3),
+    g=st.integers(1, 3),
+    d_half=st.integers(1, 40),
+    dk=st.integers(1, 70),
+    dtype=st.sampled_from(DTYPES),
+    style=st.sampled_from(["half", "interleaved"]),
+    data=st.data(),
+)
+def test_property_against_reference(b, hkv, g, d_half, dk, dtype, style, data):
+    d, s = 2 * d_half, 9
+    torch.manual_seed(data.draw(st.integers(0, 2**16)))
+    proj = torch.randn(hkv, g * d, dk) / d if g > 1 or data.draw(st.booleans()) else None
+    dk = dk if proj is not None else d
+    kc, vc = torch.zeros(b, hkv, s, dk, dtype=dtype), torch.zeros(b, hkv, s, 24, dtype=dtype)
+    k, v = torch.randn(b, hkv * g, d).to(dtype), torch.randn(b, hkv, 24).to(dtype)
+    slots = torch.tensor(data.draw(st.lists(st.integers(0, s - 1), min_size=b, max_size=b)))
+    rope = Rope(style=style, rotary_dim=2 * data.draw(st.integers(1, d_half)))
+    check("cpu", kc, vc, k, v, slots, rope=rope, k_proj=proj)
 
 
 def test_without_rope_stores_keys_verbatim():
