@@ -13,12 +13,13 @@ SOURCES := setup.py pyproject.toml $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/* csr
 
 install: $(BUILT)
 
-$(STACK): requirements/ci.txt
+$(STACK): requirements/ci.txt requirements/data.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch first, from the pinned CUDA 13 build (it also builds the CUDA extension where nvcc exists)
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
 	$(PY) -m pip install -q -r requirements/ci.txt
+	$(PY) -m pip install -q --no-deps -r requirements/data.txt
 	touch $@
 
 $(BUILT): $(STACK) $(SOURCES)

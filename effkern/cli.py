@@ -73,12 +73,30 @@ def main(argv: list[str] | None = None) -> None:
     sub.add_parser("info", help="versions, built kernels, usable backends, CPU/GPU")
     bench = sub.add_parser("bench", help="run bench/<op>.py from the source checkout, e.g. `effkern bench gqa_decode`")
     bench.add_argument("name")
+    kv = sub.add_parser("kv-compress", help="KV-head compression of a Llama-family LM (PAPERS.md D)")
+    kv.add_argument("--model", default="smollm2", choices=["smollm2", "mha"])
+    kv.add_argument("--target-kv-heads", type=int, default=1)
+    kv.add_argument("--calib-tokens", type=int, default=16384)
+    kv.add_argument("--eval-tokens", type=int, default=16384)
+    kv.add_argument("--grouping", default="consecutive", choices=["consecutive", "similarity"])
+    kv.add_argument("--out", default="runs/kv_heads")
+    kv.add_argument("--finetune-seconds", type=float, default=0.0, help="LoRA recovery budget per variant")
+    kv.add_argument("--quick", action="store_true", help="4k calibration and 4k evaluation tokens")
     args, rest = parser.parse_known_args(argv)
     if args.command == "info":
         for key, value in info().items():
             print(f"{key:>20}: {value}")
     elif args.command == "bench":
         _bench(args.name, rest)
+    elif args.command == "kv-compress":
+        if rest:
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        from effkern.methods.kv_heads.flow import KVCompressConfig, run
+
+        tokens = 4096 if args.quick else None
+        run(KVCompressConfig(model=args.model, target_kv_heads=args.target_kv_heads,
+                             calib_tokens=tokens or args.calib_tokens, eval_tokens=tokens or args.eval_tokens,
+                             grouping=args.grouping, finetune_seconds=args.finetune_seconds, out=args.out))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,1 @@
+"""Full flows for the efficiency methods of PAPERS.md, one subpackage per paper."""
