@@ -28,6 +28,7 @@ $(BUILT): $(STACK) $(SOURCES)
 
 demo: install
 	$(VENV)/bin/effkern info
+	$(VENV)/bin/effkern kv-compress --out runs/kv_heads
 	$(PY) bench/gqa_decode.py --quick
 
 test: install
