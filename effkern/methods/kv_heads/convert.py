@@ -92,6 +92,13 @@ def _heads(w: torch.Tensor, heads: list[int], d: int) -> torch.Tensor:
     return torch.cat([w[j * d : (j + 1) * d] for j in heads])
 
 
+def _served_queries(heads: list[int], q_per_kv: int):
+    """(p, h) for every query head h served by the group's p-th old KV head."""
+    for p, j in enumerate(heads):
+        for r in range(q_per_kv):
+            yield p, j * q_per_kv + r
+
+
 def _value_maps(method: str, moment: torch.Tensor, g: int, d: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """(A [g*D, D], [B_j [D, D]] per head in the group) for a value or pre-RoPE key fold."""
     if method == "mean_pool":
@@ -149,10 +156,8 @@ def compress_layer(attn, plan: LayerPlan, *, method: str, key_strategy: str, sta
     for heads in plan.groups:
         a, b = _value_maps(method, moment("v", heads) if method != "mean_pool" else None, g, d)
         new_v.append(a.T @ _heads(w_v, heads, d))
-        for p, j in enumerate(heads):
-            for r in range(q_per_kv):
-                h = j * q_per_kv + r
-                new_o[:, h * d : (h + 1) * d] = w_o[:, h * d : (h + 1) * d] @ b[p]
+        for p, h in _served_queries(heads, q_per_kv):
+            new_o[:, h * d : (h + 1) * d] = w_o[:, h * d : (h + 1) * d] @ b[p]
         strategy = "mean_pool" if method == "mean_pool" else key_strategy
         if strategy == "rope_commuting":
             if method == "svd_w":
@@ -163,23 +168,18 @@ def compress_layer(attn, plan: LayerPlan, *, method: str, key_strategy: str, sta
                 freq = stats.k_freq[layer][:, heads][:, :, heads]
             k_rows, c = _rope_commuting(_heads(w_k, heads, d), freq, d)
             new_k.append(k_rows)
-            for p, j in enumerate(heads):
-                for r in range(q_per_kv):
-                    h = j * q_per_kv + r
-                    new_q[h * d : (h + 1) * d] = _scale_query_pairs(w_q[h * d : (h + 1) * d], c[:, p])
+            for p, h in _served_queries(heads, q_per_kv):
+                new_q[h * d : (h + 1) * d] = _scale_query_pairs(w_q[h * d : (h + 1) * d], c[:, p])
         elif strategy in ("pre_rope", "mean_pool"):
             ka, kb = _value_maps(strategy, moment("k_pre", heads) if strategy == "pre_rope" else None, g, d)
             new_k.append(ka.T @ _heads(w_k, heads, d))
-            for p, j in enumerate(heads):
-                for r in range(q_per_kv):
-                    h = j * q_per_kv + r
-                    new_q[h * d : (h + 1) * d] = kb[p].T @ w_q[h * d : (h + 1) * d]
+            for p, h in _served_queries(heads, q_per_kv):
+                new_q[h * d : (h + 1) * d] = kb[p].T @ w_q[h * d : (h + 1) * d]
         elif strategy == "post_rope":
             psi = top_eigvecs(moment("k_post", heads), d)  # [g*D, D]
             k_bases.append(psi)
-            for p, j in enumerate(heads):
-                for r in range(q_per_kv):
-                    q_bases[j * q_per_kv + r] = psi[p * d : (p + 1) * d]
+            for p, h in _served_queries(heads, q_per_kv):
+                q_bases[h] = psi[p * d : (p + 1) * d]
         else:
             raise ValueError(f"key_strategy must be one of {KEY_STRATEGIES}, got {key_strategy!r}")
 
