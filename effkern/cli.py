@@ -81,6 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     kv.add_argument("--grouping", default="consecutive", choices=["consecutive", "similarity"])
     kv.add_argument("--out", default="runs/kv_heads")
     kv.add_argument("--finetune-seconds", type=float, default=0.0, help="LoRA recovery budget per variant")
+    kv.add_argument("--budget-layers", default="", help="KV-budget mode, e.g. 0,10,20,30: compress that many layers")
     kv.add_argument("--quick", action="store_true", help="4k calibration and 4k evaluation tokens")
     args, rest = parser.parse_known_args(argv)
     if args.command == "info":
@@ -96,7 +97,8 @@ def main(argv: list[str] | None = None) -> None:
         tokens = 4096 if args.quick else None
         run(KVCompressConfig(model=args.model, target_kv_heads=args.target_kv_heads,
                              calib_tokens=tokens or args.calib_tokens, eval_tokens=tokens or args.eval_tokens,
-                             grouping=args.grouping, finetune_seconds=args.finetune_seconds, out=args.out))
+                             grouping=args.grouping, finetune_seconds=args.finetune_seconds,
+                             budget_layers=tuple(int(n) for n in args.budget_layers.split(",") if n), out=args.out))
 
 
 if __name__ == "__main__":

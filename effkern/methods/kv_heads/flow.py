@@ -15,6 +15,7 @@ from pathlib import Path
 
 from effkern.data.text import pydoc_text, token_blocks, wiki_text
 from effkern.methods.kv_heads.attention import use_effkern_attention
+from effkern.methods.kv_heads.budget import compress_by_budget, layer_sensitivity
 from effkern.methods.kv_heads.calibrate import collect_stats
 from effkern.methods.kv_heads.convert import compress_kv_heads
 from effkern.methods.kv_heads.evaluate import perplexity
@@ -48,6 +49,8 @@ class KVCompressConfig:
     finetune_seconds: float = 0.0  # LoRA recovery budget per fine-tuned variant (0: none)
     finetune_tokens: int = 65536  # fine-tuning text: the calibration source, never the evaluation text
     finetune_variants: tuple[tuple[str, str], ...] = (("mean_pool", "mean_pool"), ("ours", "rope_commuting"))
+    budget_layers: tuple[int, ...] = ()  # KV-budget mode: numbers of (least sensitive) layers to compress
+    sensitivity_tokens: int = 2048  # calibration-source tokens that rank the layers
     variants: tuple[tuple[str, str], ...] = VARIANTS
     out: str = "runs/kv_heads"
     progress: bool = True
@@ -74,15 +77,30 @@ def kv_bytes_per_token(model) -> int:
     return total
 
 
-def write_results(rows: list[dict], out: Path) -> None:
+def write_results(all_rows: list[dict], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / "results.json.tmp"
-    tmp.write_text(json.dumps(rows, indent=1))
+    tmp.write_text(json.dumps(all_rows, indent=1))
     os.replace(tmp, out / "results.json")
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    budget = [r for r in all_rows if "budget_layers" in r]
+    if budget:
+        fig, ax = plt.subplots(figsize=(5, 4))
+        for method in dict.fromkeys(r["method"] for r in budget):
+            pts = sorted((r["kv_bytes_per_token"], r["ppl"]) for r in budget if r["method"] == method)
+            ax.plot(*zip(*pts, strict=True), marker="o", label=method)
+        ax.set_xlabel("KV-cache bytes per token")
+        ax.set_ylabel("perplexity (log)")
+        ax.set_yscale("log")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "budget.png", dpi=120)
+        plt.close(fig)
+    rows = [r for r in all_rows if "budget_layers" not in r]
 
     labels = [f"{r['method']}\n{r['strategy']}" + ("\n+LoRA" if r["finetuned"] else "") for r in rows]
     fig, ax = plt.subplots(figsize=(1.3 * len(rows) + 2, 4))
@@ -131,6 +149,28 @@ def run(cfg: KVCompressConfig) -> list[dict]:
                              finetune_tokens=info["tokens"], finetune_seconds=cfg.finetune_seconds))
             print(f"{method} / {strategy} + LoRA {cfg.finetune_seconds:.0f} s: ppl {ppl:.2f}")
         del compressed
+    if cfg.budget_layers:
+        rows += budget_rows(cfg, model, stats, calib[: max(1, cfg.sensitivity_tokens // cfg.block_len)], evalb, base)
     write_results(rows, out)
     (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
+    return rows
+
+
+def budget_rows(cfg: KVCompressConfig, model, stats, sens_blocks, evalb, base: dict) -> list[dict]:
+    """KV bytes per token vs perplexity when only the n least sensitive layers are compressed, for our
+    standard-GQA conversion and for mean-pooling (each ranked by its own sensitivity)."""
+    rows = []
+    for method, strategy in (("ours", "rope_commuting"), ("mean_pool", "mean_pool")):
+        kwargs = dict(target_kv_heads=cfg.target_kv_heads, method=method, key_strategy=strategy)
+        sens = layer_sensitivity(model, stats, sens_blocks, batch_size=cfg.batch_size, progress=cfg.progress,
+                                 **kwargs)
+        for n in cfg.budget_layers:
+            budgeted = copy.deepcopy(model)
+            layers = compress_by_budget(budgeted, sens, n, stats=stats, grouping=cfg.grouping, **kwargs)
+            rows.append(dict(base, method=method, strategy=strategy, kv_heads=cfg.target_kv_heads,
+                             budget_layers=n, compressed_layers=layers,
+                             ppl=perplexity(budgeted, evalb, cfg.batch_size, cfg.progress),
+                             kv_bytes_per_token=kv_bytes_per_token(budgeted)))
+            print(f"budget {method}: {n} layers -> {rows[-1]['kv_bytes_per_token']} B/token, ppl {rows[-1]['ppl']:.2f}")
+            del budgeted
     return rows
