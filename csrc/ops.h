@@ -1,8 +1,9 @@
 // Host-side entry points of the compiled kernels, on normalised arguments (see effkern/ops/<op>.py):
 //   q contiguous [B, Hq, D]; caches [B, Hkv, S_max, Dk|Dv] with any strides but a contiguous last dim;
-//   seq_lens / slots int32 [B]; cos, sin fp32 contiguous [B, R/2] or none; q_proj fp32 [Hq, D, Dk] and
-//   k_proj fp32 [Hkv, g*D, Dk] contiguous or none; softcap 0 = off; rope_style 0 = half, 1 = interleaved;
-//   rotary_dim R (0 = no RoPE). The Python entry points have validated everything already.
+//   seq_lens / slots int32 [B]; kv_start int32 [B] or none; cos, sin fp32 contiguous [B, R/2] or none;
+//   q_proj fp32 [Hq, D, Dk] and k_proj fp32 [Hkv, g*D, Dk] contiguous or none; softcap 0 = off;
+//   rope_style 0 = half, 1 = interleaved; rotary_dim R (0 = no RoPE). The Python entry points have validated
+//   everything already.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -15,7 +16,8 @@ namespace effkern {
 const char* cpu_isa();
 
 at::Tensor gqa_decode_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                          const at::Tensor& seq_lens, const std::optional<at::Tensor>& cos,
+                          const at::Tensor& seq_lens, const std::optional<at::Tensor>& kv_start,
+                          const std::optional<at::Tensor>& cos,
                           const std::optional<at::Tensor>& sin, const std::optional<at::Tensor>& q_proj,
                           double scale, double softcap, int64_t rope_style, int64_t rotary_dim);
 
@@ -26,7 +28,8 @@ void kv_append_cpu(at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& k, 
 
 #ifdef EFFKERN_WITH_CUDA
 at::Tensor gqa_decode_cuda(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                           const at::Tensor& seq_lens, const std::optional<at::Tensor>& cos,
+                           const at::Tensor& seq_lens, const std::optional<at::Tensor>& kv_start,
+                          const std::optional<at::Tensor>& cos,
                            const std::optional<at::Tensor>& sin, const std::optional<at::Tensor>& q_proj,
                            double scale, double softcap, int64_t rope_style, int64_t rotary_dim);
 

@@ -114,27 +114,32 @@ def _tanh(x):
 
 
 @triton.jit
-def _decode_split_kernel(qp_ptr, k_ptr, v_ptr, seq_lens_ptr, out_ptr, m_ptr, l_ptr, acc_ptr, softcap,
+def _decode_split_kernel(qp_ptr, k_ptr, v_ptr, seq_lens_ptr, kv_start_ptr, out_ptr, m_ptr, l_ptr, acc_ptr, softcap,
                          stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs, num_kv_heads,
                          GROUP: tl.constexpr, HEAD_DK: tl.constexpr, HEAD_DV: tl.constexpr,
                          NUM_SPLITS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
                          BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-                         DOT_F32: tl.constexpr):
+                         HAS_START: tl.constexpr, DOT_F32: tl.constexpr):
     """Program (b * Hkv + kvh, split): attention of the G query heads of KV head kvh over this split's keys.
 
     qp: [B, Hq, Dk] fp32 (rotated, projected, scaled); k: [B, Hkv, S_max, Dk], v: [B, Hkv, S_max, Dv]
-    (strided, unit last stride); seq_lens: [B] int32. NUM_SPLITS == 1: out [B, Hq, Dv] gets the result.
+    (strided, unit last stride); seq_lens, kv_start (HAS_START): [B] int32, the valid keys are
+    [kv_start, seq_lens). NUM_SPLITS == 1: out [B, Hq, Dv] gets the result.
     Else m, l: [B, Hq, NUM_SPLITS] and acc: [B, Hq, NUM_SPLITS, Dv] (fp32) get the unnormalised partials;
-    an empty split writes (-inf, 0, 0). Each sequence's own length is cut into NUM_SPLITS tile-aligned
-    slices, so short sequences use fewer splits rather than many near-empty ones.
+    an empty split writes (-inf, 0, 0). Each sequence's own key range is cut into NUM_SPLITS slices of whole
+    tiles, so short sequences use fewer splits rather than many near-empty ones.
     """
     bh = tl.program_id(0)
     split = tl.program_id(1)
     b = bh // num_kv_heads
     kvh = bh % num_kv_heads
     seq_len = tl.load(seq_lens_ptr + b)
-    per_split = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
-    lo = split * per_split
+    if HAS_START:
+        first = tl.load(kv_start_ptr + b)
+    else:
+        first = 0
+    per_split = tl.cdiv(tl.cdiv(seq_len - first, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    lo = first + split * per_split
     hi = tl.minimum(lo + per_split, seq_len)
 
     offs_g = tl.arange(0, BLOCK_G)
@@ -238,7 +243,7 @@ def chunk_rows(rows: int, block_cols: int) -> int:
 
 
 def decode_constexprs(dtype: torch.dtype, group: int, dk: int, dv: int, num_splits: int, softcap: bool,
-                      interpret: bool) -> dict:
+                      interpret: bool, has_start: bool = False) -> dict:
     """The compile-time parameters of ``_decode_split_kernel`` (shared with the GPU compile test).
 
     BLOCK_N keeps one K tile plus one V tile at <= 32 KiB, so DECODE_STAGES-deep pipelining fits sm_80's shared
@@ -250,7 +255,8 @@ def decode_constexprs(dtype: torch.dtype, group: int, dk: int, dv: int, num_spli
     return dict(
         GROUP=group, HEAD_DK=dk, HEAD_DV=dv, NUM_SPLITS=num_splits, BLOCK_G=block_size(group),
         BLOCK_N=max(16, min(64, 1 << (keys_fit.bit_length() - 1))), BLOCK_DK=block_dk, BLOCK_DV=block_dv,
-        HAS_SOFTCAP=softcap, DOT_F32=dtype == torch.float32 or (dtype == torch.bfloat16 and interpret),
+        HAS_SOFTCAP=softcap, HAS_START=has_start,
+        DOT_F32=dtype == torch.float32 or (dtype == torch.bfloat16 and interpret),
     )
 
 
@@ -274,6 +280,7 @@ def gqa_decode_triton(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     seq_lens: torch.Tensor,
+    kv_start: torch.Tensor | None,
     cos: torch.Tensor | None,
     sin: torch.Tensor | None,
     q_proj: torch.Tensor | None,
@@ -286,7 +293,8 @@ def gqa_decode_triton(
     """GQA decode on normalised arguments (validated by ``effkern.ops.gqa_decode``).
 
     q: [B, Hq, D] contiguous; k_cache: [B, Hkv, S_max, Dk], v_cache: [B, Hkv, S_max, Dv] (q's dtype, any
-    strides with unit last stride; never copied); seq_lens: [B] int32; cos, sin: [B, R/2] fp32 or None;
+    strides with unit last stride; never copied); seq_lens: [B] int32; kv_start: [B] int32 or None (the
+    first valid key of each sequence, for left padding); cos, sin: [B, R/2] fp32 or None;
     q_proj: [Hq, D, Dk] fp32 or None (then Dk == D); softcap 0 = off; rope_style 0 = half, 1 = interleaved;
     rotary_dim R (0 = no RoPE). num_splits overrides the split rule (tests use it to force splitting).
     Returns [B, Hq, Dv] contiguous in q's dtype.
@@ -316,9 +324,10 @@ def gqa_decode_triton(
     else:
         m_part = l_part = acc_part = qp  # unused with one split
     _decode_split_kernel[(b * hkv, splits)](
-        qp, k_cache, v_cache, seq_lens, out, m_part, l_part, acc_part, float(softcap),
+        qp, k_cache, v_cache, seq_lens, seq_lens if kv_start is None else kv_start, out, m_part, l_part, acc_part,
+        float(softcap),
         *k_cache.stride()[:3], *v_cache.stride()[:3], hkv,
-        **decode_constexprs(q.dtype, group, dk, dv, splits, softcap != 0.0, interpreting()),
+        **decode_constexprs(q.dtype, group, dk, dv, splits, softcap != 0.0, interpreting(), kv_start is not None),
         num_warps=NUM_WARPS, num_stages=DECODE_STAGES,
     )
     if splits > 1:

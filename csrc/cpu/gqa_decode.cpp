@@ -86,13 +86,16 @@ const char* cpu_isa() {
 }
 
 at::Tensor gqa_decode_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                          const at::Tensor& seq_lens, const std::optional<at::Tensor>& cos,
+                          const at::Tensor& seq_lens, const std::optional<at::Tensor>& kv_start,
+                          const std::optional<at::Tensor>& cos,
                           const std::optional<at::Tensor>& sin, const std::optional<at::Tensor>& q_proj,
                           double scale, double softcap, int64_t rope_style, int64_t rotary_dim) {
   TORCH_CHECK(q.dim() == 3 && q.is_contiguous(), "gqa_decode_cpu: q must be a contiguous [B, Hq, D] tensor");
   TORCH_CHECK(k_cache.dim() == 4 && v_cache.dim() == 4 && k_cache.stride(3) == 1 && v_cache.stride(3) == 1,
               "gqa_decode_cpu: caches must be [B, Hkv, S, D] with a contiguous last dim");
   TORCH_CHECK(seq_lens.scalar_type() == at::kInt && seq_lens.is_contiguous(), "gqa_decode_cpu: seq_lens must be int32");
+  TORCH_CHECK(!kv_start || (kv_start->scalar_type() == at::kInt && kv_start->is_contiguous()),
+              "gqa_decode_cpu: kv_start must be int32");
   TORCH_CHECK(rotary_dim == 0 || (cos && sin), "gqa_decode_cpu: rotary_dim > 0 needs cos and sin");
   cpu::GqaDecodeParams p{};
   p.B = q.size(0), p.Hq = q.size(1), p.D = q.size(2);
@@ -105,6 +108,7 @@ at::Tensor gqa_decode_cpu(const at::Tensor& q, const at::Tensor& k_cache, const 
   p.v_sb = v_cache.stride(0), p.v_sh = v_cache.stride(1), p.v_ss = v_cache.stride(2);
   p.q = q.data_ptr(), p.k = k_cache.data_ptr(), p.v = v_cache.data_ptr();
   p.seq_lens = seq_lens.data_ptr<int32_t>();
+  p.kv_start = kv_start ? kv_start->data_ptr<int32_t>() : nullptr;
   p.cos = rotary_dim ? cos->data_ptr<float>() : nullptr;
   p.sin = rotary_dim ? sin->data_ptr<float>() : nullptr;
   p.q_proj = q_proj ? q_proj->data_ptr<float>() : nullptr;
@@ -118,8 +122,9 @@ at::Tensor gqa_decode_cpu(const at::Tensor& q, const at::Tensor& k_cache, const 
   // Split the KV range only when (sequence, KV head) pairs are too few to give every thread ~4 items to
   // balance, and never below 256 keys per split so the merge stays negligible next to the KV reads.
   const int64_t threads = at::get_num_threads();
-  int64_t max_len = 0;
-  for (int64_t b = 0; b < p.B; ++b) max_len = std::max<int64_t>(max_len, p.seq_lens[b]);
+  int64_t max_len = 0;  // the longest valid key range
+  for (int64_t b = 0; b < p.B; ++b)
+    max_len = std::max<int64_t>(max_len, p.seq_lens[b] - (p.kv_start ? p.kv_start[b] : 0));
   const int64_t pairs = p.B * p.Hkv;
   int64_t splits = std::min((4 * threads + pairs - 1) / pairs, std::max<int64_t>(1, max_len / 256));
   splits = std::max<int64_t>(splits, 1);

@@ -16,6 +16,7 @@ struct GqaDecodeParams {
   const void* k;            // [B, Hkv, S, Dk], strides below, last dim contiguous
   const void* v;            // [B, Hkv, S, Dv]
   const int32_t* seq_lens;  // [B]
+  const int32_t* kv_start;  // [B] first valid key (left padding), or null: 0
   const float* cos;         // [B, R/2] or null
   const float* sin;
   const float* q_proj;  // [Hq, D, Dk] or null
@@ -27,7 +28,7 @@ struct GqaDecodeParams {
   DType dtype;
   float scale, softcap;  // softcap 0 = off
   int rope_style, rotary_dim;
-  int64_t splits, split_len;  // the KV range of split s is [s * split_len, (s + 1) * split_len)
+  int64_t splits, split_len;  // split s covers keys [start + s * split_len, start + (s + 1) * split_len)
 };
 
 // Work item i = ((b * Hkv) + kv_head) * splits + split: processes the whole query group of one KV head over

@@ -220,7 +220,8 @@ void run_items(const GqaDecodeParams& p, int64_t begin, int64_t end, float* scra
   float* l = m + G;
   for (int64_t item = begin; item < end; ++item) {
     const int64_t split = item % p.splits, bh = item / p.splits, b = bh / p.Hkv, kvh = bh % p.Hkv;
-    const int64_t lo = split * p.split_len, hi = min64(p.seq_lens[b], lo + p.split_len);
+    const int64_t lo = (p.kv_start ? p.kv_start[b] : 0) + split * p.split_len;
+    const int64_t hi = min64(p.seq_lens[b], lo + p.split_len);
     for (int64_t i = 0; i < G * Dv; ++i) acc[i] = 0.f;
     for (int64_t g = 0; g < G; ++g) m[g] = -INFINITY, l[g] = 0.f;
     if (lo < hi) prepare_queries<DT>(p, b, kvh, G, qbuf, tmp);

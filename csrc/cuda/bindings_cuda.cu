@@ -91,7 +91,8 @@ void set_cache_args(Args& a, const at::Tensor& k_cache, const at::Tensor& v_cach
 }  // namespace
 
 at::Tensor gqa_decode_cuda(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                           const at::Tensor& seq_lens, const std::optional<at::Tensor>& cos,
+                           const at::Tensor& seq_lens, const std::optional<at::Tensor>& kv_start,
+                           const std::optional<at::Tensor>& cos,
                            const std::optional<at::Tensor>& sin, const std::optional<at::Tensor>& q_proj,
                            double scale, double softcap, int64_t rope_style, int64_t rotary_dim) {
   constexpr const char* op = "gqa_decode_cuda";
@@ -109,6 +110,11 @@ at::Tensor gqa_decode_cuda(const at::Tensor& q, const at::Tensor& k_cache, const
   TORCH_CHECK(hkv > 0 && hq % hkv == 0, op, ": Hq=", hq, " must be a multiple of Hkv=", hkv);
   const at::Tensor lens = seq_lens.contiguous();  // a no-op for the op's normalised int32 tensor
   check_index(lens, q, b, op, "seq_lens");
+  at::Tensor starts;
+  if (kv_start.has_value()) {
+    starts = kv_start->contiguous();
+    check_index(starts, q, b, op, "kv_start");
+  }
   const float* q_proj_ptr = nullptr;
   if (q_proj.has_value()) {
     check_cuda(*q_proj, q, op, "q_proj");
@@ -133,6 +139,7 @@ at::Tensor gqa_decode_cuda(const at::Tensor& q, const at::Tensor& k_cache, const
   set_cache_args(args, k_cache, v_cache, rope_style, rotary_dim);
   args.q = q.data_ptr();
   args.seq_lens = lens.data_ptr<int32_t>();
+  args.kv_start = kv_start.has_value() ? starts.data_ptr<int32_t>() : nullptr;
   args.cos = cos_ptr;
   args.sin = sin_ptr;
   args.q_proj = q_proj_ptr;

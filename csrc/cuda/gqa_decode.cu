@@ -62,11 +62,22 @@ __host__ __device__ __forceinline__ int splits_for_len(int len, int grid_splits,
 
 __device__ __forceinline__ int clamp_len(int len, int s_max) { return len < 0 ? 0 : (len > s_max ? s_max : len); }
 
+// The valid keys of sequence b: [start, start + count), from kv_start[b] (0 when null) to seq_lens[b], clamped.
+struct KeyRange {
+  int start, count;
+};
+__device__ __forceinline__ KeyRange key_range(const int32_t* seq_lens, const int32_t* kv_start, int64_t b, int s_max) {
+  const int end = clamp_len(seq_lens[b], s_max);
+  const int start = kv_start ? min(clamp_len(kv_start[b], s_max), end) : 0;
+  return {start, end - start};
+}
+
 struct SplitParams {
   const void* q;
   const void* k;
   const void* v;
   const int32_t* seq_lens;
+  const int32_t* kv_start;  // or null
   const float* cos;
   const float* sin;
   const float* q_ws;  // [B, Hq, Dk] projected, scaled queries, or null (then RoPE(q) * q_mul here)
@@ -120,14 +131,15 @@ __global__ void __launch_bounds__(kThreads) gqa_decode_split_kernel(const SplitP
   const int kvh = static_cast<int>(idx % p.Hkv);
   const int b = static_cast<int>(idx / p.Hkv);
 
-  const int len = clamp_len(p.seq_lens[b], p.S_max);
+  const KeyRange keys = key_range(p.seq_lens, p.kv_start, b, p.S_max);
+  const int len = keys.count;
   const int n_b = splits_for_len(len, p.splits, p.min_keys);
   const int g0 = chunk * p.heads_per_chunk;
   const int gc = min(p.heads_per_chunk, p.G - g0);  // heads this CTA serves (<= GMAX)
   if (split >= n_b || gc <= 0) return;  // CTA-uniform: nothing below is skipped by part of a block
   const int h0 = kvh * p.G + g0;        // first query head: query head h reads KV head h / G
   const int keys_per_split = (len + n_b - 1) / n_b;
-  const int t_begin = min(len, split * keys_per_split);
+  const int t_begin = min(len, split * keys_per_split);  // relative to keys.start (folded into k_head, v_head)
   const int t_end = min(len, t_begin + keys_per_split);
 
   __shared__ __align__(16) float q_s[GMAX * Cfg::kMaxTile];                // [GMAX][tile]
@@ -155,8 +167,10 @@ __global__ void __launch_bounds__(kThreads) gqa_decode_split_kernel(const SplitP
 
   const int rg = threadIdx.x / tpr;    // row group
   const int lane = threadIdx.x % tpr;  // lane within the row group
-  const T* k_head = static_cast<const T*>(p.k) + static_cast<int64_t>(b) * p.ksb + static_cast<int64_t>(kvh) * p.ksh;
-  const T* v_head = static_cast<const T*>(p.v) + static_cast<int64_t>(b) * p.vsb + static_cast<int64_t>(kvh) * p.vsh;
+  const T* k_head = static_cast<const T*>(p.k) + static_cast<int64_t>(b) * p.ksb + static_cast<int64_t>(kvh) * p.ksh +
+                   static_cast<int64_t>(keys.start) * p.kss;
+  const T* v_head = static_cast<const T*>(p.v) + static_cast<int64_t>(b) * p.vsb + static_cast<int64_t>(kvh) * p.vsh +
+                   static_cast<int64_t>(keys.start) * p.vss;
   int offs[NV];  // first element of each of this lane's vectors
 #pragma unroll
   for (int w = 0; w < NV; ++w) offs[w] = (w * tpr + lane) * VEC;
@@ -326,6 +340,7 @@ __global__ void __launch_bounds__(kThreads) gqa_decode_split_kernel(const SplitP
 
 struct CombineParams {
   const int32_t* seq_lens;
+  const int32_t* kv_start;
   const float* part_o;
   const float* part_lse;
   void* out;
@@ -342,7 +357,7 @@ __global__ void __launch_bounds__(kThreads) gqa_decode_combine_kernel(const Comb
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + warp;
   if (row >= p.rows) return;  // only warp-level synchronisation below
-  const int len = clamp_len(p.seq_lens[row / p.Hq], p.S_max);
+  const int len = key_range(p.seq_lens, p.kv_start, row / p.Hq, p.S_max).count;
   const int n_b = splits_for_len(len, p.splits, p.min_keys);
   if (n_b == 1) return;
 
@@ -502,7 +517,7 @@ cudaError_t launch_typed(const GqaDecodeArgs& a, SplitParams sp, int64_t split_b
   }
   if (cudaError_t err = cudaGetLastError(); err != cudaSuccess) return err;
   if (sp.splits > 1) {
-    CombineParams cp{sp.seq_lens, sp.part_o, sp.part_lse, sp.out, combine_rows, sp.Hq, sp.Dv, sp.S_max,
+    CombineParams cp{sp.seq_lens, sp.kv_start, sp.part_o, sp.part_lse, sp.out, combine_rows, sp.Hq, sp.Dv, sp.S_max,
                      sp.splits, sp.min_keys};
     constexpr int64_t kRowsPerCta = kThreads / kWarpSize;
     const int64_t blocks = (combine_rows + kRowsPerCta - 1) / kRowsPerCta;
@@ -629,6 +644,7 @@ cudaError_t gqa_decode_launch(const GqaDecodeArgs& a, void* workspace, size_t wo
   sp.k = a.k_cache;
   sp.v = a.v_cache;
   sp.seq_lens = a.seq_lens;
+  sp.kv_start = a.kv_start;
   sp.cos = a.cos;
   sp.sin = a.sin;
   sp.q_ws = q_ws;

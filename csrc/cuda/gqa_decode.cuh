@@ -4,7 +4,7 @@
 // For every sequence b and query head h (KV head h / G, G = Hq / Hkv):
 //   q'  = RoPE(q[b, h]) with the row's cos/sin [R/2]   (rotary dim R; 0 = no RoPE; dims >= R pass through)
 //   q'  = q' @ q_proj[h]                               (optional [D, Dk] fp32 projection)
-//   s_t = scale * q' . k_cache[b, h / G, t]            (t < seq_lens[b]; softcap > 0: softcap * tanh(s / softcap))
+//   s_t = scale * q' . k_cache[b, h / G, t]            (kv_start[b] <= t < seq_lens[b]; softcap: cap * tanh(s / cap))
 //   out[b, h] = sum_t softmax(s)_t v_cache[b, h / G, t] (fp32 accumulation, written in the cache dtype)
 // An empty context (seq_lens[b] == 0) gives zeros.
 #pragma once
@@ -32,6 +32,7 @@ struct GqaDecodeArgs {
   const void* k_cache = nullptr;      // [B, Hkv, S_max, Dk], strides below, last dim contiguous
   const void* v_cache = nullptr;      // [B, Hkv, S_max, Dv], strides below, last dim contiguous
   const int32_t* seq_lens = nullptr;  // [B], 0 <= seq_lens[b] <= S_max (values outside are clamped)
+  const int32_t* kv_start = nullptr;  // [B] first valid key (left padding), 0 <= kv_start[b] <= seq_lens[b]; null: 0
   const float* cos = nullptr;         // [B, R/2] contiguous, or null when rotary_dim == 0
   const float* sin = nullptr;         // [B, R/2] contiguous, or null when rotary_dim == 0
   const float* q_proj = nullptr;      // [Hq, D, Dk] contiguous, or null (then Dk == D)

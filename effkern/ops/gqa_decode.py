@@ -4,7 +4,7 @@ For every sequence b and query head h (served by KV head ``h // (Hq / Hkv)``)::
 
     q'  = RoPE(q[b, h], position[b])            # first R dims, "half" or "interleaved" style
     q'  = q' @ q_proj[h]                        # optional [D, Dk] projection (post-RoPE key bases)
-    s_t = scale * q' . k_cache[b, kvh, t]       # t < seq_lens[b]; optional softcap * tanh(s / softcap)
+    s_t = scale * q' . k_cache[b, kvh, t]       # kv_start[b] <= t < seq_lens[b]; optional softcap
     out[b, h] = sum_t softmax(s)_t * v_cache[b, kvh, t]
 
 Backends (op contract, DESIGN.md): ``cpu`` = C++ kernel in ``effkern._C``; on CUDA tensors the CUDA kernel
@@ -37,6 +37,7 @@ def gqa_decode_reference(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     seq_lens: torch.Tensor,
+    kv_start: torch.Tensor | None,
     cos: torch.Tensor | None,
     sin: torch.Tensor | None,
     q_proj: torch.Tensor | None,
@@ -58,7 +59,10 @@ def gqa_decode_reference(
     logits = torch.einsum("bhd,bhsd->bhs", qf, k) * scale
     if softcap:
         logits = softcap * torch.tanh(logits / softcap)
-    valid = torch.arange(s_max, device=q.device)[None, :] < seq_lens.to(q.device)[:, None]  # [B, S]
+    t = torch.arange(s_max, device=q.device)[None, :]
+    valid = t < seq_lens.to(q.device)[:, None]  # [B, S]
+    if kv_start is not None:
+        valid &= t >= kv_start.to(q.device)[:, None]
     logits = logits.masked_fill(~valid[:, None, :], float("-inf"))
     probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # an empty context has all -inf: zeros, not NaN
     return torch.einsum("bhs,bhsd->bhd", probs, v).to(q.dtype)
@@ -95,6 +99,7 @@ def gqa_decode_op(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     seq_lens: torch.Tensor,
+    kv_start: torch.Tensor | None,
     cos: torch.Tensor | None,
     sin: torch.Tensor | None,
     q_proj: torch.Tensor | None,
@@ -103,14 +108,14 @@ def gqa_decode_op(
     rope_style: int,
     rotary_dim: int,
 ) -> torch.Tensor:
-    """The registered op on normalised arguments: q contiguous, seq_lens int32, cos/sin fp32 [B, R/2] or
-    None, q_proj fp32 [Hq, D, Dk] or None, softcap 0 = off, rotary_dim 0 = no RoPE."""
-    args = (q, k_cache, v_cache, seq_lens, cos, sin, q_proj, scale, softcap, rope_style, rotary_dim)
+    """The registered op on normalised arguments: q contiguous, seq_lens and kv_start (or None) int32,
+    cos/sin fp32 [B, R/2] or None, q_proj fp32 [Hq, D, Dk] or None, softcap 0 = off, rotary_dim 0 = no RoPE."""
+    args = (q, k_cache, v_cache, seq_lens, kv_start, cos, sin, q_proj, scale, softcap, rope_style, rotary_dim)
     return _backend.run("gqa_decode", q.device, _preferred(q, k_cache, v_cache), _IMPLS, *args)
 
 
 @gqa_decode_op.register_fake
-def _(q, k_cache, v_cache, seq_lens, cos, sin, q_proj, scale, softcap, rope_style, rotary_dim):
+def _(q, k_cache, v_cache, seq_lens, kv_start, cos, sin, q_proj, scale, softcap, rope_style, rotary_dim):
     return q.new_empty((q.shape[0], q.shape[1], v_cache.shape[-1]))
 
 
@@ -120,6 +125,7 @@ def gqa_decode(
     v_cache: torch.Tensor,
     seq_lens: torch.Tensor,
     *,
+    kv_start: torch.Tensor | None = None,
     rope: Rope | None = None,
     positions: torch.Tensor | None = None,
     q_proj: torch.Tensor | None = None,
@@ -134,6 +140,8 @@ def gqa_decode(
             with a contiguous last dim. ``Hq % Hkv == 0`` (any group size).
         v_cache: ``[B, Hkv, S_max, Dv]`` values; Dv may differ from Dk.
         seq_lens: ``[B]`` int32/int64 valid cache length per sequence, ``0 <= seq_lens <= S_max``.
+        kv_start: ``[B]`` int32/int64 first valid cache row per sequence, ``0 <= kv_start <= seq_lens``
+            (left-padded batches: rows before it are padding and ignored). None: 0.
         rope: rotate q at ``positions`` (default ``seq_lens - 1``: the token just appended). None: no RoPE.
         positions: ``[B]`` integer RoPE position of each query.
         q_proj: ``[Hq, D, Dk]`` float32 per-query-head projection applied after RoPE (post-RoPE compressed
@@ -158,6 +166,13 @@ def gqa_decode(
         raise ValueError(f"q's head count Hq={hq} must be a multiple of k_cache's KV head count Hkv={hkv}")
     check_tensor("seq_lens", seq_lens, ndim=1, dtypes=INDEX_DTYPES, device=dev, shape=(b,), dims="[B]")
     check_index_range("seq_lens", seq_lens, 0, s_max, f"cache length S_max={s_max}")
+    if kv_start is not None:
+        check_tensor("kv_start", kv_start, ndim=1, dtypes=INDEX_DTYPES, device=dev, shape=(b,), dims="[B]")
+        check_index_range("kv_start", kv_start, 0, s_max, f"cache length S_max={s_max}")
+        if bool((kv_start > seq_lens).any()):
+            raise ValueError("kv_start must be <= seq_lens for every sequence (the first valid row comes before "
+                             "the end of the valid rows)")
+        kv_start = kv_start.to(torch.int32)
     if q_proj is not None:
         check_tensor("q_proj", q_proj, ndim=3, dtypes=(torch.float32,), device=dev, shape=(hq, d, dk),
                      dims="[Hq, D, Dk]")
@@ -178,6 +193,6 @@ def gqa_decode(
         cos, sin = rope.cos_sin(positions, d)
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     return gqa_decode_op(
-        q.contiguous(), k_cache, v_cache, seq_lens.to(torch.int32), cos, sin, q_proj, scale,
+        q.contiguous(), k_cache, v_cache, seq_lens.to(torch.int32), kv_start, cos, sin, q_proj, scale,
         float(softcap or 0.0), style, rotary_dim,
     )

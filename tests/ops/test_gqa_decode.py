@@ -73,6 +73,22 @@ def test_empty_context_gives_zeros_not_nan():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("lens, starts", [([40, 3000, 7], [0, 1001, 7]), ([1100, 300, 64], [33, 299, 31])])
+def test_kv_start_skips_left_padding(lens, starts, dtype):
+    # left-padded batches: rows before kv_start are padding; long ranges split, empty ones give zeros
+    q, k, v = make(3, 6, 2, 3000, 64, dtype)
+    lens, starts = torch.tensor(lens), torch.tensor(starts)
+    kwargs = dict(kv_start=starts, rope=Rope(), positions=(lens - starts - 1).clamp_min(0))
+    check_cpu(q, k, v, lens, **kwargs)
+    out = run("cpu", q, k, v, lens, **kwargs)
+    for b in range(3):  # equal to attending over the valid rows moved to the front
+        n0, n1 = int(starts[b]), int(lens[b])
+        alone = run("cpu", q[b : b + 1], k[b : b + 1, :, n0:n1], v[b : b + 1, :, n0:n1], torch.tensor([n1 - n0]),
+                    rope=Rope(), positions=kwargs["positions"][b : b + 1])
+        assert_close(out[b : b + 1], alone)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_long_context_uses_splits(dtype):
     # one (sequence, KV head) pair and 3000 keys: the kernel splits the range across threads and merges
     q, k, v = make(1, 4, 1, 3000, 64, dtype)
@@ -161,9 +177,11 @@ def test_opcheck():
     q, k, v = make(2, 6, 2, 40, 64, torch.float32)
     lens = torch.tensor([40, 7], dtype=torch.int32)
     cos, sin = Rope().cos_sin(lens.long() - 1, 64)
-    args = (q, k, v, lens, cos, sin, None, 0.125, 0.0, 0, 64)
+    args = (q, k, v, lens, None, cos, sin, None, 0.125, 0.0, 0, 64)
     torch.library.opcheck(torch.ops.effkern.gqa_decode.default, args)
-    torch.library.opcheck(torch.ops.effkern.gqa_decode.default, (q, k, v, lens, None, None, None, 0.1, 2.0, 0, 0))
+    starts = torch.tensor([3, 7], dtype=torch.int32)
+    args = (q, k, v, lens, starts, None, None, None, 0.1, 2.0, 0, 0)
+    torch.library.opcheck(torch.ops.effkern.gqa_decode.default, args)
 
 
 def test_torch_compile_fullgraph():
@@ -195,6 +213,9 @@ def test_torch_compile_fullgraph():
         (lambda a: a.update(softcap=0.0), "softcap must be > 0"),
         (lambda a: a.update(rope=Rope(rotary_dim=3)), "rope.rotary_dim must be even"),
         (lambda a: a.update(positions=torch.tensor([-2, 0])), "positions must be within"),
+        (lambda a: a.update(kv_start=torch.tensor([0, 4])), "kv_start must be <= seq_lens"),
+        (lambda a: a.update(kv_start=torch.tensor([0, -1])), r"kv_start must be within \[0, 40\]"),
+        (lambda a: a.update(kv_start=torch.tensor([0])), r"kv_start .* size 2 in dim 0"),
     ],
 )
 def test_bad_inputs_name_the_argument(change, match):
@@ -247,7 +268,9 @@ def test_default_scale_is_query_head_dim():
 def test_gpu_backends(backend, dtype, group):
     q, k, v = (t.cuda() for t in make(3, 2 * group, 2, 1500, 128, dtype, layout="sliced"))
     lens = torch.tensor([0, 1, 1500], device="cuda")
+    starts = torch.tensor([0, 1, 333], device="cuda")
     proj = torch.randn(2 * group, 128, 128, device="cuda") / 11
-    for kwargs in (dict(rope=Rope()), dict(rope=Rope(style="interleaved", rotary_dim=64), q_proj=proj, softcap=30.0)):
+    for kwargs in (dict(rope=Rope()), dict(rope=Rope(style="interleaved", rotary_dim=64), q_proj=proj, softcap=30.0),
+                   dict(rope=Rope(), kv_start=starts)):
         expected = run("reference", q, k, v, lens, **kwargs)
         assert_close(run(backend, q, k, v, lens, **kwargs), expected)

@@ -35,7 +35,7 @@ bs, rows = gqa.block_size, gqa.chunk_rows
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DATA_PTRS = {"q_ptr", "k_ptr", "v_ptr", "out_ptr", "k_cache_ptr", "v_cache_ptr"}  # in the model's dtype
-INT_PTRS = {"seq_lens_ptr", "slots_ptr"}
+INT_PTRS = {"seq_lens_ptr", "kv_start_ptr", "slots_ptr"}
 FLOATS = {"scale", "softcap"}
 
 
@@ -61,8 +61,8 @@ def variants(dtype):
         HEAD_D=96, HEAD_DK=80, ROT_DIM=96, ROPE_STYLE=1, HAS_PROJ=True, BLOCK_DK=bs(80), BLOCK_C=rows(96, bs(80))
     ), True, plain
     yield gqa._decode_split_kernel, "g8-d128", gqa.decode_constexprs(t, 8, 128, 128, 1, False, False), True, dec
-    yield gqa._decode_split_kernel, "g5-dk80-dv96-split-softcap", gqa.decode_constexprs(
-        t, 5, 80, 96, 8, True, False), True, dec
+    yield gqa._decode_split_kernel, "g5-dk80-dv96-split-softcap-start", gqa.decode_constexprs(
+        t, 5, 80, 96, 8, True, False, True), True, dec
     yield gqa._decode_split_kernel, "g32-d256-split", gqa.decode_constexprs(t, 32, 256, 256, 4, False, False), True, dec
     # a contiguous Dk = 72 cache: key stride 72 is not a multiple of 16, so no vector loads
     yield gqa._decode_split_kernel, "g1-d72-unaligned", gqa.decode_constexprs(t, 1, 72, 72, 1, False, False), False, dec

@@ -44,7 +44,8 @@ def rope_tables(style: str | None, rotary_dim: int | None, d: int, positions: to
 
 
 def run_decode(lens, group, d, dtype=torch.float32, *, hkv=1, dk=None, dv=None, style="half", rotary_dim=None,
-               proj=False, softcap=0.0, scale=None, layout="contiguous", s_max=None, num_splits=None, seed=0):
+               proj=False, softcap=0.0, scale=None, layout="contiguous", s_max=None, num_splits=None, starts=None,
+               seed=0):
     """Build one gqa_decode case, run kernel and reference, compare; returns the kernel output."""
     torch.manual_seed(seed)
     b, hq = len(lens), group * hkv
@@ -57,7 +58,8 @@ def run_decode(lens, group, d, dtype=torch.float32, *, hkv=1, dk=None, dv=None, 
     seq_lens = torch.tensor(lens, dtype=torch.int32)
     cos, sin, style_id, r = rope_tables(style, rotary_dim, d, torch.randint(0, 4096, (b,)))
     q_proj = torch.randn(hq, d, dk) / d**0.5 if proj else None
-    args = (q, k_cache, v_cache, seq_lens, cos, sin, q_proj, scale or d**-0.5, softcap, style_id, r)
+    kv_start = None if starts is None else torch.tensor(starts, dtype=torch.int32)
+    args = (q, k_cache, v_cache, seq_lens, kv_start, cos, sin, q_proj, scale or d**-0.5, softcap, style_id, r)
     out = gqa.gqa_decode_triton(*args, num_splits=num_splits)
     assert out.is_contiguous() and out.shape == (b, hq, dv) and out.dtype == dtype
     assert_close(out, gqa_decode_reference(*args))
@@ -98,6 +100,13 @@ def test_decode_strided_caches(layout, dtype):
     run_decode([5, 0, 200], 2, 80, dtype, hkv=2, layout=layout, num_splits=2, s_max=257)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_decode_kv_start(dtype, num_splits):
+    # left padding: [start, len) valid; a start inside a tile, one at len (empty), one past a whole split
+    run_decode([300, 37, 200, 64], 3, 64, dtype, hkv=2, num_splits=num_splits, starts=[17, 37, 150, 0], s_max=301)
+
+
 @pytest.mark.parametrize("num_splits", [1, 3])
 def test_decode_empty_contexts_give_zeros(num_splits):
     out = run_decode([0, 0], 2, 64, torch.float16, num_splits=num_splits, s_max=40)
@@ -112,7 +121,7 @@ def test_decode_softcap_bounds_logits():
     k_cache = torch.randn(1, 1, 50, 64)
     v_cache = torch.randn(1, 1, 50, 64)
     seq_lens = torch.tensor([50], dtype=torch.int32)
-    out = gqa.gqa_decode_triton(q, k_cache, v_cache, seq_lens, None, None, None, 1.0, 1e-4, 0, 0)
+    out = gqa.gqa_decode_triton(q, k_cache, v_cache, seq_lens, None, None, None, None, 1.0, 1e-4, 0, 0)
     torch.testing.assert_close(out, v_cache.mean(dim=2).expand(1, 2, 64), atol=1e-3, rtol=0)
 
 
