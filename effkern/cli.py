@@ -80,7 +80,13 @@ def main(argv: list[str] | None = None) -> None:
     kv.add_argument("--eval-tokens", type=int, default=16384)
     kv.add_argument("--grouping", default="consecutive", choices=["consecutive", "similarity"])
     kv.add_argument("--out", default="runs/kv_heads")
-    kv.add_argument("--finetune-seconds", type=float, default=0.0, help="LoRA recovery budget per variant")
+    kv.add_argument("--finetune-steps", type=int, default=0,
+                    help="LoRA recovery steps for mean_pool and ours/rope_commuting (equal compute for both)")
+    kv.add_argument("--finetune-loss", default="distill", choices=["distill", "ce"],
+                    help="distill: KL to the original model's next-token distributions; ce: next-token labels")
+    kv.add_argument("--finetune-text", default="wiki_train", choices=["wiki_train", "pydoc"])
+    kv.add_argument("--decode-context", type=int, default=2048, help="context for decode tokens/s (0: skip)")
+    kv.add_argument("--decode-batch", type=int, default=8)
     kv.add_argument("--budget-layers", default="", help="KV-budget mode, e.g. 0,10,20,30: compress that many layers")
     kv.add_argument("--quick", action="store_true", help="4k calibration and 4k evaluation tokens")
     args, rest = parser.parse_known_args(argv)
@@ -97,7 +103,9 @@ def main(argv: list[str] | None = None) -> None:
         tokens = 4096 if args.quick else None
         run(KVCompressConfig(model=args.model, target_kv_heads=args.target_kv_heads,
                              calib_tokens=tokens or args.calib_tokens, eval_tokens=tokens or args.eval_tokens,
-                             grouping=args.grouping, finetune_seconds=args.finetune_seconds,
+                             grouping=args.grouping, finetune_steps=args.finetune_steps,
+                             finetune_loss=args.finetune_loss, finetune_text=args.finetune_text,
+                             decode_context=args.decode_context, decode_batch=args.decode_batch,
                              budget_layers=tuple(int(n) for n in args.budget_layers.split(",") if n), out=args.out))
 
 

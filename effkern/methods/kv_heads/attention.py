@@ -17,6 +17,8 @@ mask. Then:
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from transformers import AttentionInterface, DynamicCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -76,9 +78,22 @@ def _key_ranges(mask: torch.Tensor | None, batch: int, kv_len: int):
     return start.to(torch.int32), end.to(torch.int32)
 
 
+# Every layer of one forward pass receives the same mask tensor: its key ranges are computed once.
+_last_ranges: tuple = (None, None)
+
+
+def _cached_key_ranges(mask: torch.Tensor | None, batch: int, kv_len: int):
+    global _last_ranges
+    ref, ranges = _last_ranges
+    if mask is None or ref is None or ref() is not mask:
+        ranges = _key_ranges(mask, batch, kv_len)
+        _last_ranges = (None if mask is None else weakref.ref(mask), ranges)
+    return ranges
+
+
 def _decode(module, query, key, value, attention_mask, scaling: float | None):
     """One decode step through gqa_decode; None when the mask has holes (the caller falls back to SDPA)."""
-    ranges = _key_ranges(attention_mask, query.shape[0], key.shape[2])
+    ranges = _cached_key_ranges(attention_mask, query.shape[0], key.shape[2])
     if ranges is None:
         return None
     kv_start, seq_lens = (None if r is None else r.to(query.device) for r in ranges)

@@ -44,3 +44,48 @@ def perplexity(model: torch.nn.Module, blocks: torch.LongTensor, batch_size: int
     finally:
         model.train(was_training)
     return math.exp(total_nll / (blocks.shape[0] * (blocks.shape[1] - 1)))
+
+
+def decode_tokens_per_s(model: torch.nn.Module, *, batch: int, context: int, steps: int = 8, warmup: int = 2,
+                        seed: int = 0) -> float:
+    """Decode throughput (new tokens per second over the batch) at ``context`` cached tokens per sequence.
+
+    The model's ``StaticCache`` (in-place writes, so no per-step copy of the cache is timed) is filled with
+    ``context`` random keys and values per layer (what a prefill would leave; speed does not depend on their
+    values, and skipping the prefill keeps this cheap), then ``warmup`` untimed and ``steps`` timed decode steps
+    run, one new token per sequence each, with the model's own attention implementation. Layers may have
+    different KV head counts (KV-budget models).
+    """
+    if min(batch, context, steps) < 1 or warmup < 0:
+        raise ValueError(f"batch, context and steps must be >= 1 and warmup >= 0, got {batch}, {context}, "
+                         f"{steps}, {warmup}")
+    import time
+
+    from transformers import StaticCache
+
+    param = next(model.parameters())
+    cache = StaticCache(config=model.config, max_cache_len=context + warmup + steps)
+    g = torch.Generator().manual_seed(seed)
+    for i, layer in enumerate(model.model.layers):
+        attn = layer.self_attn
+        kv_heads = attn.v_proj.weight.shape[0] // attn.head_dim
+        shape = (batch, kv_heads, context, attn.head_dim)
+        keys, values = (torch.randn(shape, generator=g).to(param) for _ in range(2))
+        cache.update(keys, values, i)
+    tokens = torch.randint(0, model.config.vocab_size, (batch, warmup + steps), generator=g).to(param.device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for i in range(warmup + steps):
+                if i == warmup:
+                    start = time.perf_counter()
+                pos = context + i
+                model(input_ids=tokens[:, i : i + 1], attention_mask=torch.ones(batch, pos + 1, dtype=torch.long),
+                      position_ids=torch.full((batch, 1), pos), cache=cache, use_cache=True)
+            if param.device.type == "cuda":
+                torch.cuda.synchronize()
+            elapsed = time.perf_counter() - start
+    finally:
+        model.train(was_training)
+    return batch * steps / elapsed

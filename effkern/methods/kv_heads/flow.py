@@ -2,7 +2,8 @@
 
 Writes ``results.json`` (a list of flat rows) and ``ppl.png`` to the output folder. Rows carry: model,
 method (original / mean_pool / svd_w / ours), strategy, kv_heads, finetuned, ppl, kv_bytes_per_token,
-decode_tokens_per_s (null: not measured by this flow yet).
+decode_tokens_per_s (measured for the original model with SDPA and the standard-GQA compressed model with the
+effkern kernel, at ``decode_context`` tokens and batch ``decode_batch``; null elsewhere).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from effkern.methods.kv_heads.attention import use_effkern_attention
 from effkern.methods.kv_heads.budget import compress_by_budget, layer_sensitivity
 from effkern.methods.kv_heads.calibrate import collect_stats
 from effkern.methods.kv_heads.convert import compress_kv_heads
-from effkern.methods.kv_heads.evaluate import perplexity
+from effkern.methods.kv_heads.evaluate import decode_tokens_per_s, perplexity
 from effkern.methods.kv_heads.finetune import lora_finetune
 
 # (method, key strategy) rows of the table; the "ours" rows differ only in how keys are handled.
@@ -46,14 +47,21 @@ class KVCompressConfig:
     block_len: int = 512
     batch_size: int = 4
     grouping: str = "consecutive"  # or "similarity" (PAPERS.md D leaves the grouping open)
-    finetune_seconds: float = 0.0  # LoRA recovery budget per fine-tuned variant (0: none)
-    finetune_tokens: int = 65536  # fine-tuning text: the calibration source, never the evaluation text
+    finetune_steps: int = 0  # LoRA recovery steps (batch_size x block_len tokens each) per variant (0: none)
+    finetune_tokens: int = 262144  # distinct fine-tuning tokens (cycled)
+    finetune_text: str = "wiki_train"  # "wiki_train" (Wikipedia articles disjoint from the eval ones) or "pydoc"
+    finetune_loss: str = "distill"  # "distill" (KL to the original model) or "ce" (next-token cross-entropy)
+    decode_context: int = 2048  # decode_tokens_per_s: cached tokens per sequence (0: not measured)
+    decode_batch: int = 8
     finetune_variants: tuple[tuple[str, str], ...] = (("mean_pool", "mean_pool"), ("ours", "rope_commuting"))
     budget_layers: tuple[int, ...] = ()  # KV-budget mode: numbers of (least sensitive) layers to compress
     sensitivity_tokens: int = 2048  # calibration-source tokens that rank the layers
     variants: tuple[tuple[str, str], ...] = VARIANTS
     out: str = "runs/kv_heads"
     progress: bool = True
+
+
+FINETUNE_TEXTS = {"wiki_train": lambda: wiki_text("train"), "pydoc": pydoc_text}
 
 
 def load_model(name: str):
@@ -120,8 +128,12 @@ def run(cfg: KVCompressConfig) -> list[dict]:
     model.eval()
     calib = token_blocks(tokenizer, pydoc_text(), cfg.calib_tokens, cfg.block_len)
     evalb = token_blocks(tokenizer, wiki_text("eval"), cfg.eval_tokens, cfg.block_len)
-    if cfg.finetune_seconds > 0:
-        tune_blocks = token_blocks(tokenizer, pydoc_text(), cfg.finetune_tokens, cfg.block_len)
+    if cfg.finetune_steps > 0:
+        if cfg.finetune_text not in FINETUNE_TEXTS or cfg.finetune_loss not in ("distill", "ce"):
+            raise ValueError(f"finetune_text must be one of {sorted(FINETUNE_TEXTS)} and finetune_loss 'distill' "
+                             f"or 'ce', got {cfg.finetune_text!r}, {cfg.finetune_loss!r}")
+        tune_blocks = token_blocks(tokenizer, FINETUNE_TEXTS[cfg.finetune_text](), cfg.finetune_tokens,
+                                   cfg.block_len)
     out = Path(cfg.out)
     stats = collect_stats(model, calib, batch_size=cfg.batch_size, checkpoint=out / "kv_stats.safetensors",
                           progress=cfg.progress)
@@ -129,31 +141,41 @@ def run(cfg: KVCompressConfig) -> list[dict]:
                 eval_tokens=evalb.numel())
     ppl = perplexity(model, evalb, cfg.batch_size, cfg.progress)
     rows = [dict(base, method="original", strategy="none", kv_heads=model.config.num_key_value_heads, ppl=ppl,
-                 kv_bytes_per_token=kv_bytes_per_token(model))]
-    print(f"original: ppl {rows[0]['ppl']:.2f}")
+                 kv_bytes_per_token=kv_bytes_per_token(model), decode_tokens_per_s=decode_speed(cfg, model))]
+    print(f"original: ppl {rows[0]['ppl']:.2f}, decode {rows[0]['decode_tokens_per_s']} tokens/s (sdpa)")
     for method, strategy in cfg.variants:
         compressed = copy.deepcopy(model)
         compress_kv_heads(compressed, cfg.target_kv_heads, method=method, key_strategy=strategy, stats=stats,
                           grouping=cfg.grouping)
         use_effkern_attention(compressed)
         ppl = perplexity(compressed, evalb, cfg.batch_size, cfg.progress)
+        speed = decode_speed(cfg, compressed) if strategy == "rope_commuting" and method == "ours" else None
         row = dict(base, method=method, strategy=strategy, kv_heads=cfg.target_kv_heads, ppl=ppl,
-                   kv_bytes_per_token=kv_bytes_per_token(compressed))
+                   kv_bytes_per_token=kv_bytes_per_token(compressed), decode_tokens_per_s=speed)
         rows.append(row)
-        print(f"{method} / {strategy}: ppl {ppl:.2f}")
-        if cfg.finetune_seconds > 0 and (method, strategy) in cfg.finetune_variants:
-            tuned, info = lora_finetune(compressed, tune_blocks, seconds=cfg.finetune_seconds,
+        print(f"{method} / {strategy}: ppl {ppl:.2f}" + (f", decode {speed:.1f} tokens/s (effkern)" if speed else ""))
+        if cfg.finetune_steps > 0 and (method, strategy) in cfg.finetune_variants:
+            teacher = model if cfg.finetune_loss == "distill" else None
+            tuned, info = lora_finetune(compressed, tune_blocks, steps=cfg.finetune_steps, teacher=teacher,
                                         batch_size=cfg.batch_size, progress=cfg.progress)
             ppl = perplexity(tuned, evalb, cfg.batch_size, cfg.progress)
             rows.append(dict(row, finetuned=True, ppl=ppl, finetune_steps=info["steps"],
-                             finetune_tokens=info["tokens"], finetune_seconds=cfg.finetune_seconds))
-            print(f"{method} / {strategy} + LoRA {cfg.finetune_seconds:.0f} s: ppl {ppl:.2f}")
+                             finetune_tokens=info["tokens"], finetune_seconds=round(info["seconds"], 1),
+                             finetune_loss=cfg.finetune_loss, finetune_text=cfg.finetune_text))
+            print(f"{method} / {strategy} + LoRA {info['steps']} steps ({info['seconds']:.0f} s): ppl {ppl:.2f}")
         del compressed
     if cfg.budget_layers:
         rows += budget_rows(cfg, model, stats, calib[: max(1, cfg.sensitivity_tokens // cfg.block_len)], evalb, base)
     write_results(rows, out)
     (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
     return rows
+
+
+def decode_speed(cfg: KVCompressConfig, model) -> float | None:
+    """Decode tokens/s at the configured context and batch (None when ``decode_context`` is 0)."""
+    if cfg.decode_context <= 0:
+        return None
+    return round(decode_tokens_per_s(model, batch=cfg.decode_batch, context=cfg.decode_context), 2)
 
 
 def budget_rows(cfg: KVCompressConfig, model, stats, sens_blocks, evalb, base: dict) -> list[dict]:
