@@ -36,6 +36,7 @@ test: install
 
 bench: install
 	$(PY) bench/gqa_decode.py --json bench-results/gqa_decode.json
+	$(PY) bench/kv_compress.py --json bench-results/kv_compress.json
 
 lint: install
 	$(VENV)/bin/ruff check effkern triton_kernels bench tests setup.py
