@@ -9,6 +9,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <optional>
+#include <tuple>
 
 namespace effkern {
 
@@ -25,6 +26,12 @@ void kv_append_cpu(at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& k, 
                    const at::Tensor& slots, const std::optional<at::Tensor>& cos,
                    const std::optional<at::Tensor>& sin, const std::optional<at::Tensor>& k_proj,
                    int64_t rope_style, int64_t rotary_dim);
+
+// Low-rank attention core: qkv [K, B, N, 3r] (any strides, contiguous last dim) -> (out [K, B, N, r] in qkv's
+// dtype, lse fp32 [K, B, H, N]); the backward returns dqkv [K, B, N, 3r] contiguous.
+std::tuple<at::Tensor, at::Tensor> low_rank_attention_fwd_cpu(const at::Tensor& qkv, int64_t heads, double scale);
+at::Tensor low_rank_attention_bwd_cpu(const at::Tensor& qkv, const at::Tensor& out, const at::Tensor& lse,
+                                      const at::Tensor& dout, int64_t heads, double scale);
 
 #ifdef EFFKERN_WITH_CUDA
 at::Tensor gqa_decode_cuda(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,

@@ -24,6 +24,14 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
     torch.testing.assert_close(actual.float(), expected.float(), **tol)
 
 
+def assert_close_scaled(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """assert_close for tensors not of O(1) magnitude (gradients: sums of many terms): the absolute tolerance
+    scales with the largest expected magnitude."""
+    tol = TOL[expected.dtype]
+    scale = max(1.0, expected.abs().max().item())
+    torch.testing.assert_close(actual.float(), expected.float(), atol=tol["atol"] * scale, rtol=tol["rtol"])
+
+
 @contextlib.contextmanager
 def env(**values: str | None):
     """Temporarily set (or, with None, unset) environment variables."""

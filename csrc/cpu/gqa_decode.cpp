@@ -8,43 +8,16 @@
 
 #include <atomic>
 #include <cmath>
-#include <cstdlib>
-#include <cstring>
 #include <vector>
 
 #include "../ops.h"
 #include "gqa_decode.h"
+#include "host.h"
 
 namespace effkern {
 namespace {
 
 using cpu::DType;
-
-// The SIMD level: the best this CPU supports, capped by EFFKERN_CPU_ISA=avx512|avx2|generic (tests use it to
-// cover every compiled path on one machine; asking for more than the CPU has is an error, not a crash).
-int isa_level() {
-  __builtin_cpu_init();
-  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-  const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
-  const int best = avx512 ? 512 : avx2 ? 256 : 0;
-  const char* want = std::getenv("EFFKERN_CPU_ISA");
-  if (want == nullptr || *want == '\0') return best;
-  const int asked = std::strcmp(want, "avx512") == 0 ? 512 : std::strcmp(want, "avx2") == 0 ? 256
-                    : std::strcmp(want, "generic") == 0 ? 0 : -1;
-  TORCH_CHECK(asked >= 0, "EFFKERN_CPU_ISA must be avx512, avx2 or generic, got '", want, "'");
-  TORCH_CHECK(asked <= best, "EFFKERN_CPU_ISA=", want, " is not supported by this CPU");
-  return asked;
-}
-
-DType dtype_of(const at::Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return DType::f32;
-    case at::kHalf: return DType::f16;
-    case at::kBFloat16: return DType::bf16;
-    default: TORCH_CHECK(false, "gqa_decode_cpu: unsupported dtype ", t.scalar_type());
-  }
-}
 
 void store(void* out, DType dt, int64_t i, float x) {
   switch (dt) {
@@ -80,11 +53,6 @@ void combine_splits(const cpu::GqaDecodeParams& p) {
 
 }  // namespace
 
-const char* cpu_isa() {
-  const int level = isa_level();
-  return level == 512 ? "avx512" : level == 256 ? "avx2" : "generic";
-}
-
 at::Tensor gqa_decode_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                           const at::Tensor& seq_lens, const std::optional<at::Tensor>& kv_start,
                           const std::optional<at::Tensor>& cos,
@@ -101,7 +69,7 @@ at::Tensor gqa_decode_cpu(const at::Tensor& q, const at::Tensor& k_cache, const 
   p.B = q.size(0), p.Hq = q.size(1), p.D = q.size(2);
   p.Hkv = k_cache.size(1), p.Dk = k_cache.size(3), p.Dv = v_cache.size(3);
   TORCH_CHECK(p.Hkv > 0 && p.Hq % p.Hkv == 0, "gqa_decode_cpu: Hq must be a multiple of Hkv");
-  p.dtype = dtype_of(q);
+  p.dtype = cpu::dtype_of(q, "gqa_decode_cpu");
   TORCH_CHECK(k_cache.scalar_type() == q.scalar_type() && v_cache.scalar_type() == q.scalar_type(),
               "gqa_decode_cpu: q and the caches must share a dtype");
   p.k_sb = k_cache.stride(0), p.k_sh = k_cache.stride(1), p.k_ss = k_cache.stride(2);
@@ -138,7 +106,7 @@ at::Tensor gqa_decode_cpu(const at::Tensor& q, const at::Tensor& k_cache, const 
     p.part_acc = part_acc.data_ptr<float>(), p.part_ml = part_ml.data_ptr<float>();
   }
 
-  const int level = isa_level();
+  const int level = cpu::isa_level();
   const cpu::GqaDecodeItemsFn items_fn = level == 512   ? &cpu::avx512::gqa_decode_items
                                          : level == 256 ? &cpu::avx2::gqa_decode_items
                                                         : &cpu::generic::gqa_decode_items;

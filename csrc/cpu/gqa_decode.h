@@ -3,13 +3,13 @@
 
 #include <cstdint>
 
+#include "common.h"
+
 namespace effkern::cpu {
 
 // Keys per tile of the CPU kernel. A K tile and a V tile (2 x 32 x 128 dims x 4 B = 32 KB in fp32) stay in
 // L1/L2 while every head of the group passes over them; a multiple of every vector width (16, 8, 1).
 constexpr int kTile = 32;
-
-enum class DType : int { f32 = 0, f16 = 1, bf16 = 2 };
 
 struct GqaDecodeParams {
   const void* q;            // [B, Hq, D] contiguous

@@ -4,7 +4,7 @@
 // projected and scaled once, then the KV range is walked in tiles of kTile keys: scores for the whole group
 // (each K row is loaded from memory once and reused from L1 for every head), an online-softmax update per
 // head, and the P.V accumulation (each V row likewise). Everything accumulates in fp32.
-// No include guard: included once per ISA (see gqa_decode_isa.cpp).
+// No include guard: included once per ISA (see kernels_isa.cpp).
 
 namespace effkern::cpu::EFFKERN_ISA {
 
@@ -13,38 +13,8 @@ namespace effkern::cpu::EFFKERN_ISA {
 
 static_assert(kTile % Vec::W == 0, "the tile must be a whole number of vectors");
 
-constexpr int64_t elem_bytes(DType d) { return d == DType::f32 ? 4 : 2; }
-inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
-
 // Query heads per pass over a tile: 4 accumulators plus a load and broadcasts fit AVX2's 16 registers.
 constexpr int kHeadBlock = 4;
-
-template <DType DT>
-inline Vec load_vec(const void* base, int64_t i) {
-  if constexpr (DT == DType::f32) {
-    return Vec::load(static_cast<const float*>(base) + i);
-  } else {
-    return Vec::load(static_cast<const uint16_t*>(base) + i, DT == DType::bf16);
-  }
-}
-
-template <DType DT>
-inline float load_scalar(const void* base, int64_t i) {
-  if constexpr (DT == DType::f32) {
-    return static_cast<const float*>(base)[i];
-  } else {
-    return half_bits_to_float(static_cast<const uint16_t*>(base)[i], DT == DType::bf16);
-  }
-}
-
-template <DType DT>
-inline void store_scalar(void* base, int64_t i, float x) {
-  if constexpr (DT == DType::f32) {
-    static_cast<float*>(base)[i] = x;
-  } else {
-    static_cast<uint16_t*>(base)[i] = float_to_half_bits(x, DT == DType::bf16);
-  }
-}
 
 // y[0:n] += a * x[0:n]
 inline void axpy(float* y, float a, const float* x, int64_t n) {

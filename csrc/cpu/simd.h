@@ -5,7 +5,7 @@
 // EFFKERN_ISA (the namespace name), includes this header and the kernel header, and pops the options.
 // Everything here lives in that per-ISA namespace, so the copies never collide at link time (an inline
 // function compiled for AVX-512 must never be picked by the linker for the generic path).
-// No include guard: included once per ISA (see gqa_decode_isa.cpp).
+// No include guard: included once per ISA (see kernels_isa.cpp).
 
 namespace effkern::cpu::EFFKERN_ISA {
 
@@ -144,6 +144,37 @@ inline Vec operator+(Vec a, Vec b) { return {a.v + b.v}; }
 inline Vec operator-(Vec a, Vec b) { return {a.v - b.v}; }
 inline Vec operator*(Vec a, Vec b) { return {a.v * b.v}; }
 #endif
+
+// Element access for the kernels' storage types (DType, common.h), converting to and from fp32.
+constexpr int64_t elem_bytes(DType d) { return d == DType::f32 ? 4 : 2; }
+inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+template <DType DT>
+inline Vec load_vec(const void* base, int64_t i) {
+  if constexpr (DT == DType::f32) {
+    return Vec::load(static_cast<const float*>(base) + i);
+  } else {
+    return Vec::load(static_cast<const uint16_t*>(base) + i, DT == DType::bf16);
+  }
+}
+
+template <DType DT>
+inline float load_scalar(const void* base, int64_t i) {
+  if constexpr (DT == DType::f32) {
+    return static_cast<const float*>(base)[i];
+  } else {
+    return half_bits_to_float(static_cast<const uint16_t*>(base)[i], DT == DType::bf16);
+  }
+}
+
+template <DType DT>
+inline void store_scalar(void* base, int64_t i, float x) {
+  if constexpr (DT == DType::f32) {
+    static_cast<float*>(base)[i] = x;
+  } else {
+    static_cast<uint16_t*>(base)[i] = float_to_half_bits(x, DT == DType::bf16);
+  }
+}
 
 // exp(x) for x <= 0 (softmax arguments), ~2 ulp: Cody-Waite reduction x = n ln2 + r, |r| <= ln2/2, then a
 // degree-6 polynomial for e^r (Cephes expf coefficients) and 2^n from the exponent bits. Inputs below

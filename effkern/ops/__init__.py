@@ -2,6 +2,7 @@
 
 from effkern.ops.gqa_decode import gqa_decode
 from effkern.ops.kv_append import kv_append
+from effkern.ops.low_rank_attention import low_rank_attention
 from effkern.ops.rope import Rope
 
-__all__ = ["Rope", "gqa_decode", "kv_append"]
+__all__ = ["Rope", "gqa_decode", "kv_append", "low_rank_attention"]

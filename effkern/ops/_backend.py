@@ -147,4 +147,6 @@ def use_backend(name: str | None) -> Iterator[None]:
 def run(op: str, device: torch.device, preferred: Sequence[str], impls: dict[str, Callable], *args, **kwargs):
     """Resolve the backend for ``op`` and call its implementation."""
     backend = resolve(op, device, preferred)
+    if backend not in impls:
+        raise BackendUnavailableError(f"effkern.{op} has no {backend} kernel; it has {sorted(impls)}")
     return impls[backend](*args, **kwargs)

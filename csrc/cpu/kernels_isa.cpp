@@ -1,6 +1,7 @@
-// GQA decode work items compiled three times: AVX-512 (16 fp32 lanes), AVX2 + FMA + F16C (8 lanes) and the
-// build's baseline (scalar, for CPUs without AVX2). gqa_decode.cpp picks one at run time, so one binary is
-// both portable and fast. Only headers without std:: template instantiations may follow the first pragma.
+// The CPU kernels' work items compiled three times: AVX-512 (16 fp32 lanes), AVX2 + FMA + F16C (8 lanes) and
+// the build's baseline (scalar, for CPUs without AVX2). The host files (gqa_decode.cpp, ...) pick one at run
+// time (common.h: isa_level), so one binary is both portable and fast.
+// Only headers without std:: template instantiations may follow the first pragma.
 #include <immintrin.h>  // GCC 12 warns falsely (-Wmaybe-uninitialized) inside its AVX-512 reductions:
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
@@ -10,6 +11,7 @@
 #include <type_traits>
 
 #include "gqa_decode.h"
+#include "low_rank_attention.h"
 #include "rope.h"
 
 #pragma GCC push_options
@@ -18,6 +20,7 @@
 #define EFFKERN_ISA_LEVEL 512
 #include "simd.h"
 #include "gqa_decode_kernel.h"
+#include "low_rank_attention_kernel.h"
 #undef EFFKERN_ISA
 #undef EFFKERN_ISA_LEVEL
 #pragma GCC pop_options
@@ -28,6 +31,7 @@
 #define EFFKERN_ISA_LEVEL 256
 #include "simd.h"
 #include "gqa_decode_kernel.h"
+#include "low_rank_attention_kernel.h"
 #undef EFFKERN_ISA
 #undef EFFKERN_ISA_LEVEL
 #pragma GCC pop_options
@@ -36,3 +40,4 @@
 #define EFFKERN_ISA_LEVEL 0
 #include "simd.h"
 #include "gqa_decode_kernel.h"
+#include "low_rank_attention_kernel.h"

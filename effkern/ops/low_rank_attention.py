@@ -1,0 +1,166 @@
+"""``effkern.ops.low_rank_attention``: LAST's low-rank self-attention (LSA) for K side networks in one call.
+
+For side network k with weights ``w_qkv[k] [d, 3r]`` (columns: q | k | v, each split into H heads of
+``dh = r / H`` consecutive columns) and ``w_o[k] [r, d]``, on tokens ``x [B, N, d]`` (shared by every side
+network) or ``x[k]``::
+
+    q | k | v = x @ w_qkv[k]                          # down-projection d -> r
+    o_h       = softmax(q_h k_h^T * scale) v_h        # attention inside the r-dim space, per head
+    y[k]      = concat_h(o_h) @ w_o[k]                # up-projection r -> d
+
+Layers: the two projections are dense GEMMs (one ``[B N, d] x [d, K 3r]`` GEMM for all K side networks when x
+is shared: the K hyper-parameter configurations of LAST's parallel search cost one wide GEMM, not K), and the
+attention core ``effkern::low_rank_attention_core`` (forward + backward custom ops) has its own kernels. On the
+CPU fusing the projections into the core does not pay: a BLAS GEMM already streams x once, and the core's
+[N, 3r] input per item is small. Core backends (op contract, DESIGN.md): ``cpu`` = C++ kernel (per
+(side network, image, head) item, keys in SIMD lanes, probabilities recomputed in the backward), the
+reference everywhere else. Accumulation is fp32.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from effkern.ops import _backend
+from effkern.ops._checks import FLOAT_DTYPES, check_same_dtype, check_tensor
+
+
+def _split_heads(qkv: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """qkv [K, B, N, 3r] -> q, k, v as fp32 [K, B, H, N, dh]."""
+    kk, b, n, three_r = qkv.shape
+    parts = qkv.float().view(kk, b, n, 3, heads, three_r // (3 * heads))
+    return tuple(parts[..., i, :, :].transpose(2, 3) for i in range(3))
+
+
+def _merge_heads(t: torch.Tensor) -> torch.Tensor:
+    """[K, B, H, N, dh] -> [K, B, N, H dh]."""
+    kk, b, h, n, dh = t.shape
+    return t.transpose(2, 3).reshape(kk, b, n, h * dh)
+
+
+def core_reference(qkv: torch.Tensor, heads: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ground truth of the core: ``(out [K, B, N, r] in qkv's dtype, lse fp32 [K, B, H, N])``."""
+    q, k, v = _split_heads(qkv, heads)
+    logits = q @ k.transpose(-1, -2) * scale
+    lse = torch.logsumexp(logits, dim=-1)
+    out = torch.exp(logits - lse[..., None]) @ v
+    return _merge_heads(out).to(qkv.dtype), lse
+
+
+def core_bwd_reference(qkv, out, lse, dout, heads: int, scale: float) -> torch.Tensor:
+    """dqkv from the saved forward: P = exp(S - lse), dV = P^T dO, dS = P (dO V^T - rowsum(dO O)),
+    dQ = scale dS K, dK = scale dS^T Q."""
+    q, k, v = _split_heads(qkv, heads)
+    (do,) = _split_heads(torch.cat([dout, dout, dout], -1), heads)[:1]
+    (o,) = _split_heads(torch.cat([out, out, out], -1), heads)[:1]
+    p = torch.exp(q @ k.transpose(-1, -2) * scale - lse[..., None])
+    ds = p * (do @ v.transpose(-1, -2) - (do * o).sum(-1, keepdim=True))
+    grads = [ds @ k * scale, ds.transpose(-1, -2) @ q * scale, p.transpose(-1, -2) @ do]
+    return torch.cat([_merge_heads(g) for g in grads], -1).to(qkv.dtype)
+
+
+def _cpu_fwd(qkv, heads, scale):
+    return tuple(_backend.extension().low_rank_attention_fwd_cpu(qkv, heads, scale))
+
+
+def _cpu_bwd(*args):
+    return _backend.extension().low_rank_attention_bwd_cpu(*args)
+
+
+_FWD = {"reference": core_reference, "cpu": _cpu_fwd}
+_BWD = {"reference": core_bwd_reference, "cpu": _cpu_bwd}
+
+
+def _preferred(t: torch.Tensor) -> list[str]:
+    return ["cpu"] if t.device.type == "cpu" else []
+
+
+@torch.library.custom_op("effkern::low_rank_attention_core", mutates_args=())
+def core_op(qkv: torch.Tensor, heads: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention inside the low-rank space: qkv [K, B, N, 3r] (any strides, contiguous last dim) ->
+    (out [K, B, N, r], lse fp32 [K, B, H, N])."""
+    return _backend.run("low_rank_attention", qkv.device, _preferred(qkv), _FWD, qkv, heads, scale)
+
+
+@core_op.register_fake
+def _(qkv, heads, scale):
+    kk, b, n, three_r = qkv.shape
+    return qkv.new_empty((kk, b, n, three_r // 3)), qkv.new_empty((kk, b, heads, n), dtype=torch.float32)
+
+
+@torch.library.custom_op("effkern::low_rank_attention_core_bwd", mutates_args=())
+def core_bwd_op(qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, dout: torch.Tensor, heads: int,
+                scale: float) -> torch.Tensor:
+    """dqkv [K, B, N, 3r] (contiguous) of the core from its saved forward and dout [K, B, N, r] (contiguous)."""
+    return _backend.run("low_rank_attention", qkv.device, _preferred(qkv), _BWD, qkv, out, lse, dout, heads, scale)
+
+
+@core_bwd_op.register_fake
+def _(qkv, out, lse, dout, heads, scale):
+    return qkv.new_empty(qkv.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    qkv, heads, scale = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(qkv, out, lse)
+    ctx.heads, ctx.scale = heads, scale
+
+
+def _backward(ctx, dout, _dlse):
+    qkv, out, lse = ctx.saved_tensors
+    return core_bwd_op(qkv, out, lse, dout.contiguous(), ctx.heads, ctx.scale), None, None
+
+
+core_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def low_rank_attention(
+    x: torch.Tensor,
+    w_qkv: torch.Tensor,
+    w_o: torch.Tensor,
+    *,
+    heads: int = 1,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Low-rank self-attention of K side networks (LAST's LSA block without its LayerNorm and residual).
+
+    Args:
+        x: ``[B, N, d]`` tokens shared by every side network, or ``[K, B, N, d]`` one set per side network.
+        w_qkv: ``[K, d, 3r]`` down-projections, columns ``[q | k | v]``, each split into ``heads`` heads.
+        w_o: ``[K, r, d]`` up-projections.
+        heads: attention heads inside the rank-r space (``r % heads == 0``; any head dim, odd included).
+        scale: logit scale, default ``1 / sqrt(r / heads)`` (``1 / sqrt(r)`` with one head, as in LAST).
+
+    Returns:
+        ``[K, B, N, d]`` in x's dtype. Differentiable in x, w_qkv and w_o.
+    """
+    check_tensor("x", x, dtypes=FLOAT_DTYPES, dims="[B, N, d] or [K, B, N, d]")
+    if x.dim() not in (3, 4):
+        raise ValueError(f"x must be [B, N, d] or [K, B, N, d], got shape {tuple(x.shape)}")
+    d = x.shape[-1]
+    check_tensor("w_qkv", w_qkv, ndim=3, device=x.device, shape=(None, d), dims="[K, d, 3r]")
+    kk, _, three_r = w_qkv.shape
+    check_same_dtype("w_qkv", w_qkv, "x", x)
+    if kk == 0 or three_r == 0 or three_r % 3:
+        raise ValueError(f"w_qkv [K, d, 3r] needs K >= 1 and a last dim 3r > 0 divisible by 3, got "
+                         f"{tuple(w_qkv.shape)}")
+    r = three_r // 3
+    check_tensor("w_o", w_o, ndim=3, device=x.device, shape=(kk, r), dims="[K, r, d]")
+    check_same_dtype("w_o", w_o, "x", x)
+    if x.dim() == 4 and x.shape[0] != kk:
+        raise ValueError(f"x [K, B, N, d] must have K={kk} (w_qkv's side networks) in dim 0, got {tuple(x.shape)}")
+    if not isinstance(heads, int) or heads < 1 or r % heads:
+        raise ValueError(f"heads must be a positive divisor of the rank r={r}, got {heads}")
+    scale = 1.0 / math.sqrt(r // heads) if scale is None else float(scale)
+    if x.dim() == 3:  # one GEMM for every side network: [B N, d] x [d, K 3r] -> viewed as [K, B, N, 3r]
+        b, n, _ = x.shape
+        qkv = (x.reshape(b * n, d) @ w_qkv.permute(1, 0, 2).reshape(d, kk * three_r)).view(b, n, kk, three_r)
+        qkv = qkv.permute(2, 0, 1, 3)
+    else:
+        qkv = torch.matmul(x, w_qkv[:, None])
+    out, _ = core_op(qkv, heads, scale)
+    return torch.matmul(out, w_o[:, None])
