@@ -13,8 +13,9 @@ is shared: the K hyper-parameter configurations of LAST's parallel search cost o
 attention core ``effkern::low_rank_attention_core`` (forward + backward custom ops) has its own kernels. On the
 CPU fusing the projections into the core does not pay: a BLAS GEMM already streams x once, and the core's
 [N, 3r] input per item is small. Core backends (op contract, DESIGN.md): ``cpu`` = C++ kernel (per
-(side network, image, head) item, keys in SIMD lanes, probabilities recomputed in the backward), the
-reference everywhere else. Accumulation is fp32.
+(side network, image, head) item, keys in SIMD lanes, probabilities recomputed in the backward); on CUDA
+tensors the Triton kernels (FlashAttention-2 style forward and backward); the reference everywhere else.
+Accumulation is fp32.
 """
 
 from __future__ import annotations
@@ -69,12 +70,24 @@ def _cpu_bwd(*args):
     return _backend.extension().low_rank_attention_bwd_cpu(*args)
 
 
-_FWD = {"reference": core_reference, "cpu": _cpu_fwd}
-_BWD = {"reference": core_bwd_reference, "cpu": _cpu_bwd}
+def _triton_fwd(*args):
+    from effkern.triton_kernels.low_rank_attention import low_rank_attention_fwd_triton
+
+    return low_rank_attention_fwd_triton(*args)
+
+
+def _triton_bwd(*args):
+    from effkern.triton_kernels.low_rank_attention import low_rank_attention_bwd_triton
+
+    return low_rank_attention_bwd_triton(*args)
+
+
+_FWD = {"reference": core_reference, "cpu": _cpu_fwd, "triton": _triton_fwd}
+_BWD = {"reference": core_bwd_reference, "cpu": _cpu_bwd, "triton": _triton_bwd}
 
 
 def _preferred(t: torch.Tensor) -> list[str]:
-    return ["cpu"] if t.device.type == "cpu" else []
+    return ["cpu"] if t.device.type == "cpu" else ["triton"]
 
 
 @torch.library.custom_op("effkern::low_rank_attention_core", mutates_args=())

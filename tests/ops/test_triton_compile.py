@@ -31,10 +31,12 @@ from triton.compiler import ASTSource
 arch = int(sys.argv[1])
 from effkern.triton_kernels import gqa_decode as gqa
 from effkern.triton_kernels import kv_append as kv
+from effkern.triton_kernels import low_rank_attention as lra
 bs, rows = gqa.block_size, gqa.chunk_rows
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-DATA_PTRS = {"q_ptr", "k_ptr", "v_ptr", "out_ptr", "k_cache_ptr", "v_cache_ptr"}  # in the model's dtype
+DATA_PTRS = {"q_ptr", "k_ptr", "v_ptr", "out_ptr", "k_cache_ptr", "v_cache_ptr", "qkv_ptr", "dout_ptr",
+             "dqkv_ptr"}  # in the model's dtype
 INT_PTRS = {"seq_lens_ptr", "kv_start_ptr", "slots_ptr"}
 FLOATS = {"scale", "softcap"}
 
@@ -74,6 +76,11 @@ def variants(dtype):
     yield kv._kv_append_kernel, "rope+proj", dict(
         GROUP=2, HEAD_D=64, HEAD_DK=96, HEAD_DV=80, ROT_DIM=32, ROPE_STYLE=1, HAS_PROJ=True,
         BLOCK_DK=bs(96), BLOCK_DV=bs(80), BLOCK_C=rows(128, bs(96))), True, plain
+    # low-rank attention (LAST side networks): 2 heads of 8 dims (r = 16) and one head of 64
+    for heads, dh in ((2, 8), (1, 64)):
+        c = lra.kernel_constexprs(t, heads, dh, False)
+        for fn in (lra._fwd_kernel, lra._bwd_dkdv_kernel, lra._bwd_dq_kernel):
+            yield fn, f"h{heads}-dh{dh}", c, True, dict(num_warps=lra.NUM_WARPS)
 
 
 def resources(cubin):
@@ -121,7 +128,7 @@ def compiled(tmp_path_factory) -> dict[int, list[dict]]:
 @pytest.mark.parametrize("arch", ARCHS)
 def test_triton_kernels_compile_for_gpu(compiled, arch):
     records = compiled[arch]
-    assert len(records) == len(DTYPES) * 9  # every dtype x variant compiled
+    assert len(records) == len(DTYPES) * 15  # every dtype x variant compiled
     for r in records:
         where = f"{r['kernel']}[{r['variant']}, {r['dtype']}] on sm_{arch}"
         assert r["cubin_bytes"] > 0, where
@@ -129,5 +136,6 @@ def test_triton_kernels_compile_for_gpu(compiled, arch):
         assert r["shared"] <= SHARED_LIMIT[arch], (where, r["shared"])
         if r["aligned"]:
             assert r["STACK"] == 0, f"{where} spills registers: {r}"
-        if r["kernel"] == "_decode_split_kernel" and r["dtype"] != "fp32":
+        if r["kernel"] in ("_decode_split_kernel", "_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel") \
+                and r["dtype"] != "fp32":
             assert r["mma"], f"{where}: 16-bit caches must reach the tensor cores"

@@ -12,18 +12,21 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first triton 
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from helpers import assert_close, strided_cache  # noqa: E402
+from helpers import assert_close, assert_close_scaled, strided_cache  # noqa: E402
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from effkern.ops.gqa_decode import gqa_decode_reference  # noqa: E402
 from effkern.ops.kv_append import kv_append_reference  # noqa: E402
+from effkern.ops.low_rank_attention import core_bwd_reference as low_rank_attention_bwd_reference  # noqa: E402
+from effkern.ops.low_rank_attention import core_reference as low_rank_attention_reference  # noqa: E402
 from effkern.ops.rope import STYLES, Rope  # noqa: E402
 
 pytest.importorskip("triton")
 
 from effkern.triton_kernels import gqa_decode as gqa  # noqa: E402
 from effkern.triton_kernels import kv_append as kv  # noqa: E402
+from effkern.triton_kernels import low_rank_attention as lra  # noqa: E402
 
 
 def make_cache(b: int, h: int, s: int, d: int, dtype: torch.dtype, layout: str) -> torch.Tensor:
@@ -197,3 +200,21 @@ def test_append_property(b, hkv, group, d, dtype, style, layout, proj, data):
     run_append(slots, hkv, d, dtype, group=group if proj else 1, dk=48 if proj else None, style=style,
                rotary_dim=data.draw(st.sampled_from(range(2, d + 1, 2))) if style else None, proj=proj, layout=layout,
                s_max=10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("kk, b, n, heads, dh", [(1, 2, 37, 1, 7), (3, 1, 70, 2, 16), (2, 2, 1, 3, 4)])
+def test_low_rank_attention_core_fwd_bwd(kk, b, n, heads, dh, dtype):
+    """Forward (out, lse) and backward (dqkv) against the references, on a strided qkv view (shared-x layout)."""
+    g = torch.Generator().manual_seed(0)
+    r = heads * dh
+    qkv = torch.randn(b, n, kk, 3 * r, generator=g).to(dtype).permute(2, 0, 1, 3)  # as the op builds it
+    out, lse = lra.low_rank_attention_fwd_triton(qkv, heads, 0.4)
+    ref_out, ref_lse = low_rank_attention_reference(qkv, heads, 0.4)
+    assert_close(out, ref_out)
+    assert_close(lse, ref_lse, dtype=dtype)
+    dout = torch.randn(out.shape, generator=g).to(dtype)
+    dqkv = lra.low_rank_attention_bwd_triton(qkv, ref_out, ref_lse, dout, heads, 0.4)
+    expected = low_rank_attention_bwd_reference(qkv, ref_out, ref_lse, dout, heads, 0.4)
+    assert dqkv.shape == expected.shape and dqkv.is_contiguous()
+    assert_close_scaled(dqkv, expected)
