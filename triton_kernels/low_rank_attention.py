@@ -41,13 +41,19 @@ def _tile(base, rows, n, stride_n, offs_d, DH: tl.constexpr):
 
 
 @triton.jit
+def _program_head(qkv_ptr, stride_k, stride_b, n_batch, DH: tl.constexpr):
+    """This program's (side network * B + image, head) and the head's first q column in qkv."""
+    kb = tl.program_id(0)
+    h = tl.program_id(1)
+    return kb, h, qkv_ptr + (kb // n_batch).to(tl.int64) * stride_k + (kb % n_batch).to(tl.int64) * stride_b + h * DH
+
+
+@triton.jit
 def _fwd_kernel(qkv_ptr, out_ptr, lse_ptr, scale, stride_k, stride_b, stride_n, n_batch, n_tok,
                 HEADS: tl.constexpr, DH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr):
-    kb = tl.program_id(0)
-    h = tl.program_id(1)
+    kb, h, base = _program_head(qkv_ptr, stride_k, stride_b, n_batch, DH)
     R: tl.constexpr = HEADS * DH
-    base = qkv_ptr + (kb // n_batch).to(tl.int64) * stride_k + (kb % n_batch).to(tl.int64) * stride_b + h * DH
     rows = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -85,10 +91,8 @@ def _probs(q, k, lse, rows, cols, n_tok, scale, DOT_F32: tl.constexpr):
 def _bwd_dkdv_kernel(qkv_ptr, dout_ptr, lse_ptr, delta_ptr, dqkv_ptr, scale, stride_k, stride_b, stride_n, n_batch,
                      n_tok, HEADS: tl.constexpr, DH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr):
-    kb = tl.program_id(0)
-    h = tl.program_id(1)
+    kb, h, base = _program_head(qkv_ptr, stride_k, stride_b, n_batch, DH)
     R: tl.constexpr = HEADS * DH
-    base = qkv_ptr + (kb // n_batch).to(tl.int64) * stride_k + (kb % n_batch).to(tl.int64) * stride_b + h * DH
     dout_base = dout_ptr + kb.to(tl.int64) * n_tok * R + h * DH
     stats = (kb.to(tl.int64) * HEADS + h) * n_tok
     cols = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -115,13 +119,11 @@ def _bwd_dkdv_kernel(qkv_ptr, dout_ptr, lse_ptr, delta_ptr, dqkv_ptr, scale, str
 
 
 @triton.jit
-def _bwd_dq_kernel(qkv_ptr, dout_ptr, lse_ptr, delta_ptr, dqkv_ptr, scale, stride_k, stride_b, stride_n, n_batch, n_tok,
-                   HEADS: tl.constexpr, DH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+def _bwd_dq_kernel(qkv_ptr, dout_ptr, lse_ptr, delta_ptr, dqkv_ptr, scale, stride_k, stride_b, stride_n, n_batch,
+                   n_tok, HEADS: tl.constexpr, DH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr):
-    kb = tl.program_id(0)
-    h = tl.program_id(1)
+    kb, h, base = _program_head(qkv_ptr, stride_k, stride_b, n_batch, DH)
     R: tl.constexpr = HEADS * DH
-    base = qkv_ptr + (kb // n_batch).to(tl.int64) * stride_k + (kb % n_batch).to(tl.int64) * stride_b + h * DH
     stats = (kb.to(tl.int64) * HEADS + h) * n_tok
     rows = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
