@@ -1,0 +1,1 @@
+"""LAST: low-rank attention side-tuning over a frozen timm ViT (PAPERS.md A)."""

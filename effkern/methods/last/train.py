@@ -1,0 +1,116 @@
+"""Training K LAST side networks at once over cached backbone features, one learning rate each.
+
+All trainable parameters of :class:`~effkern.methods.last.model.LASTSide` are stacked along dim 0 (one slice per
+side network), so K configurations train in one forward/backward. :class:`StackedAdamW` is AdamW with a
+learning rate per slice (Adam's update does not scale with the gradient, so per-network rates cannot come from
+gradient scaling); network k then follows exactly the trajectory it would follow alone with ``lrs[k]``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+
+class StackedAdamW(torch.optim.Optimizer):
+    """AdamW for parameters stacked along dim 0 (K models): slice k uses ``lrs[k] * group["lr"]``.
+
+    ``group["lr"]`` (default 1.0) is the multiplier torch's LR schedulers adjust; ``weight_decay`` is decoupled
+    (AdamW) and scaled by the same learning rate.
+    """
+
+    def __init__(self, params, lrs: Sequence[float], betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0):
+        if not lrs or min(lrs) <= 0:
+            raise ValueError(f"lrs must be a non-empty list of positive learning rates, got {list(lrs)}")
+        super().__init__(params, dict(lr=1.0, betas=betas, eps=eps, weight_decay=weight_decay))
+        self.lrs = torch.tensor(lrs, dtype=torch.float64)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.dim() == 0 or p.shape[0] != len(lrs):
+                    raise ValueError(f"every parameter must be stacked over the {len(lrs)} models in dim 0, got a "
+                                     f"parameter of shape {tuple(p.shape)}")
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None if closure is None else closure()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state.update(step=0, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+                state["step"] += 1
+                t = state["step"]
+                lr = (self.lrs * group["lr"]).to(p).view(-1, *[1] * (p.dim() - 1))
+                m, v = state["exp_avg"], state["exp_avg_sq"]
+                p.mul_(1 - lr * group["weight_decay"])
+                m.lerp_(p.grad, 1 - beta1)
+                v.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+                denom = (v / (1 - beta2**t)).sqrt_().add_(group["eps"])
+                p.addcdiv_(m * (-lr / (1 - beta1**t)), denom)
+        return loss
+
+
+def warmup_cosine(total_steps: int, warmup_steps: int):
+    """LR multiplier: linear warm-up, then cosine decay to 0 (for ``torch.optim.lr_scheduler.LambdaLR``)."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return factor
+
+
+def train_side(side: torch.nn.Module, feats: Sequence[torch.Tensor], labels: torch.Tensor, *, lrs: Sequence[float],
+               epochs: int, batch_size: int = 32, weight_decay: float = 0.05, warmup_epochs: int = 1, seed: int = 0,
+               progress: bool = True) -> list[float]:
+    """Train ``side`` (K networks, K = len(lrs)) on cached features ``feats`` (``[z_0..z_m]``, each ``[n, N, d]``)
+    and ``labels [n]`` with cross-entropy summed over the K networks (each network's gradient is its own).
+    Returns the mean training loss per epoch (averaged over networks)."""
+    n = labels.shape[0]
+    if any(f.shape[0] != n for f in feats):
+        raise ValueError(f"every feature tensor must have the {n} examples of labels in dim 0")
+    decay = [p for name, p in side.named_parameters() if p.requires_grad and "bias" not in name]
+    no_decay = [p for name, p in side.named_parameters() if p.requires_grad and "bias" in name]
+    opt = StackedAdamW([dict(params=decay), dict(params=no_decay, weight_decay=0.0)], lrs,
+                       weight_decay=weight_decay)
+    steps_per_epoch = math.ceil(n / batch_size)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(epochs * steps_per_epoch,
+                                                                 warmup_epochs * steps_per_epoch))
+    g = torch.Generator().manual_seed(seed)
+    history = []
+    side.train()
+    for _ in tqdm(range(epochs), desc="LAST", disable=not progress):
+        total = 0.0
+        for idx in torch.randperm(n, generator=g).split(batch_size):
+            logits = side([f[idx] for f in feats])  # [K, b, C]
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), labels[idx].repeat(logits.shape[0]),
+                                   reduction="sum") / idx.numel()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += loss.item() * idx.numel()
+        history.append(total / n / len(lrs))
+    side.eval()
+    return history
+
+
+@torch.no_grad()
+def accuracy(side: torch.nn.Module, feats: Sequence[torch.Tensor], labels: torch.Tensor,
+             batch_size: int = 256) -> torch.Tensor:
+    """Top-1 accuracy of each of the K networks, ``[K]``."""
+    was_training = side.training
+    side.eval()
+    correct = 0
+    for idx in torch.arange(labels.shape[0]).split(batch_size):
+        correct = correct + (side([f[idx] for f in feats]).argmax(-1) == labels[idx]).sum(-1)
+    side.train(was_training)
+    return correct.double() / labels.shape[0]

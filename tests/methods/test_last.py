@@ -1,0 +1,116 @@
+"""LAST side networks on a tiny random timm ViT: features, the bias-corrected start point, the K-parallel
+training equivalence and the per-network AdamW."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import assert_close, requires_ext
+from timm.models.vision_transformer import VisionTransformer
+
+from effkern.methods.last.model import LASTSide, group_features
+from effkern.methods.last.train import StackedAdamW, accuracy, train_side
+
+pytestmark = requires_ext
+
+
+@pytest.fixture(scope="module")
+def vit():
+    torch.manual_seed(0)
+    return VisionTransformer(img_size=16, patch_size=4, in_chans=1, embed_dim=32, depth=4, num_heads=2,
+                             num_classes=0).eval()
+
+
+def data(n=48, seed=0):
+    """Images whose label is the brighter half (left/right): learnable, not trivially constant."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 1, 16, 16, generator=g)
+    y = (x[..., :8].mean((1, 2, 3)) > x[..., 8:].mean((1, 2, 3))).long()
+    return x, y
+
+
+def side_for(vit, feats, k=1, **kwargs):
+    torch.manual_seed(1)
+    return LASTSide(32, len(feats) - 1, 8, 2, vit.norm, heads=2, num_networks=k, **kwargs)
+
+
+def test_group_features_are_the_backbone_stream(vit):
+    x, _ = data(4)
+    feats = group_features(vit, x, 2)
+    assert len(feats) == 3 and all(f.shape == (4, 17, 32) for f in feats)
+    with torch.no_grad():
+        assert_close(vit.norm(feats[-1]), vit.forward_features(x))
+    with pytest.raises(ValueError, match="group_size must divide the backbone depth 4"):
+        group_features(vit, x, 3)
+
+
+def test_starts_as_the_linear_probe_on_the_final_feature(vit):
+    """Zero-initialised up-projections: with the bias correction the side network's feature is the backbone's
+    final feature, so the model is a linear probe on vit.forward_features' cls token."""
+    x, _ = data(4)
+    feats = group_features(vit, x, 2)
+    side = side_for(vit, feats, k=2)
+    with torch.no_grad():
+        side.head_weight.normal_()
+        expected = vit.forward_features(x)[:, 0] @ side.head_weight + side.head_bias[:, None]
+    assert_close(side(feats), expected)
+    uncorrected = side_for(vit, feats, bias_correction=False)
+    assert not torch.allclose(uncorrected.final_norm(sum(feats)), vit.forward_features(x))
+
+
+def test_k_networks_train_exactly_like_k_separate_runs(vit):
+    x, y = data()
+    feats = group_features(vit, x, 2)
+    lrs = [3e-3, 1e-2, 3e-2]
+    parallel = side_for(vit, feats, k=3)
+    singles = []
+    for k in range(3):
+        single = side_for(vit, feats)
+        with torch.no_grad():
+            for p, q in zip(single.parameters(), parallel.parameters(), strict=True):
+                if p.requires_grad:
+                    p.copy_(q[k : k + 1])
+        singles.append(single)
+    train_side(parallel, feats, y, lrs=lrs, epochs=3, batch_size=16, progress=False)
+    for k, single in enumerate(singles):
+        train_side(single, feats, y, lrs=[lrs[k]], epochs=3, batch_size=16, progress=False)
+        for p, q in zip(single.parameters(), parallel.parameters(), strict=True):
+            if p.requires_grad:
+                torch.testing.assert_close(p[0], q[k], atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(parallel.head_weight[0], parallel.head_weight[2])  # the lrs did differ
+
+
+def test_training_fits_the_training_set(vit):
+    x, y = data(64)
+    feats = group_features(vit, x, 2)
+    side = side_for(vit, feats, k=2)
+    before = accuracy(side, feats, y)
+    history = train_side(side, feats, y, lrs=[1e-2, 3e-2], epochs=15, batch_size=16, progress=False)
+    assert history[-1] < 0.5 * history[0]
+    assert (accuracy(side, feats, y) > torch.maximum(before, torch.tensor(0.8))).all()
+
+
+def test_stacked_adamw_with_one_model_is_torch_adamw():
+    torch.manual_seed(0)
+    a = torch.nn.Parameter(torch.randn(1, 5, 3))
+    b = torch.nn.Parameter(a.detach().clone())
+    ours = StackedAdamW([a], [0.01], weight_decay=0.1)
+    ref = torch.optim.AdamW([b], lr=0.01, weight_decay=0.1)
+    for step in range(5):
+        grad = torch.randn(1, 5, 3, generator=torch.Generator().manual_seed(step))
+        a.grad, b.grad = grad.clone(), grad.clone()
+        ours.step()
+        ref.step()
+    torch.testing.assert_close(a, b)
+
+
+def test_bad_arguments(vit):
+    with pytest.raises(ValueError, match="stacked over the 2 models"):
+        StackedAdamW([torch.nn.Parameter(torch.zeros(3, 4))], [1e-3, 1e-3])
+    with pytest.raises(ValueError, match="positive learning rates"):
+        StackedAdamW([torch.nn.Parameter(torch.zeros(1, 4))], [])
+    with pytest.raises(ValueError, match="pool must be"):
+        LASTSide(32, 2, 8, 2, vit.norm, pool="max")
+    side = LASTSide(32, 2, 8, 2, vit.norm)
+    with pytest.raises(ValueError, match=r"expected 3 features \[z_0..z_m\]"):
+        side([torch.zeros(1, 17, 32)] * 2)
