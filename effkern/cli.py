@@ -89,12 +89,20 @@ def main(argv: list[str] | None = None) -> None:
     kv.add_argument("--decode-batch", type=int, default=8)
     kv.add_argument("--budget-layers", default="", help="KV-budget mode, e.g. 0,10,20,30: compress that many layers")
     kv.add_argument("--quick", action="store_true", help="4k calibration and 4k evaluation tokens")
+    pre = sub.add_parser("pretrain-backbone", help="pretrain the small ViT the side-tuning flows share")
+    pre.add_argument("--out", default=None, help="weights file (default ~/.cache/effkern/vit-mini-32.safetensors)")
+    pre.add_argument("--epochs", type=int, default=4)
+    pre.add_argument("--max-images", type=int, default=None, help="subsample the 120k pretraining images")
     args, rest = parser.parse_known_args(argv)
     if args.command == "info":
         for key, value in info().items():
             print(f"{key:>20}: {value}")
     elif args.command == "bench":
         _bench(args.name, rest)
+    elif args.command == "pretrain-backbone":
+        from effkern.methods.backbone import pretrain_backbone
+
+        print(pretrain_backbone(args.out, epochs=args.epochs, max_images=args.max_images))
     elif args.command == "kv-compress":
         if rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
