@@ -43,6 +43,7 @@ test: install
 bench: install
 	$(PY) bench/gqa_decode.py --json bench-results/gqa_decode.json
 	$(PY) bench/kv_compress.py --json bench-results/kv_compress.json
+	$(PY) bench/low_rank_attention.py --json bench-results/low_rank_attention.json
 
 lint: install
 	$(VENV)/bin/ruff check effkern triton_kernels bench tests setup.py
