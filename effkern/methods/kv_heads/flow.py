@@ -159,7 +159,7 @@ def run(cfg: KVCompressConfig) -> list[dict]:
             tuned, info = lora_finetune(compressed, tune_blocks, steps=cfg.finetune_steps, teacher=teacher,
                                         batch_size=cfg.batch_size, progress=cfg.progress)
             ppl = perplexity(tuned, evalb, cfg.batch_size, cfg.progress)
-            rows.append(dict(row, finetuned=True, ppl=ppl, finetune_steps=info["steps"],
+            rows.append(dict(row, finetuned=True, ppl=ppl, decode_tokens_per_s=None, finetune_steps=info["steps"],
                              finetune_tokens=info["tokens"], finetune_seconds=round(info["seconds"], 1),
                              finetune_loss=cfg.finetune_loss, finetune_text=cfg.finetune_text))
             print(f"{method} / {strategy} + LoRA {info['steps']} steps ({info['seconds']:.0f} s): ppl {ppl:.2f}")
