@@ -42,6 +42,18 @@ def print_table(rows: list[dict], columns: list[str]) -> None:
         print("  ".join(v.rjust(w) for v, w in zip(row, widths, strict=True)))
 
 
+def run_shapes(grid, bench_shape, columns: list[str], json_path: str | None) -> list[dict]:
+    """Benchmark every shape of ``grid`` (``bench_shape(*shape)`` returns its rows), print a table per shape, write
+    all rows with ``--json``; returns them."""
+    rows = []
+    for shape in grid:
+        shape_rows = bench_shape(*shape)
+        print_table(shape_rows, columns)
+        rows += shape_rows
+    write_json(rows, json_path)
+    return rows
+
+
 def write_json(rows: list[dict], path: str | None) -> None:
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)

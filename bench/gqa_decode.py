@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import copy_bandwidth, median_time, print_table, write_json  # noqa: E402
+from common import copy_bandwidth, median_time, run_shapes  # noqa: E402
 
 from effkern.ops import Rope, gqa_decode  # noqa: E402
 from effkern.ops._backend import usable_backends, use_backend  # noqa: E402
@@ -88,14 +88,12 @@ def main(argv=None) -> list[dict]:
     else:
         grid = [(b, ctx, hq, hkv, dt) for b, ctx, (hq, hkv), dt in itertools.product(
             (1, 8), (1024, 4096, 16384), ((32, 8), (32, 32), (9, 3)), ("fp32", "bf16"))]
-    rows = []
-    for b, ctx, hq, hkv, dt in grid:
-        shape_rows = bench_shape(b, ctx, hq, hkv, 128, dt, device, copy_bw, backends)
-        print_table(shape_rows, ["backend", "B", "ctx", "hq", "hkv", "dtype", "time_ms", "speedup_vs_reference",
-                                 "gbps", "roofline_fraction", "note"])
-        rows += shape_rows
-    write_json(rows, args.json)
-    return rows
+    def shape_rows(b, ctx, hq, hkv, dt):
+        return bench_shape(b, ctx, hq, hkv, 128, dt, device, copy_bw, backends)
+
+    return run_shapes(grid, shape_rows,
+                      ["backend", "B", "ctx", "hq", "hkv", "dtype", "time_ms", "speedup_vs_reference", "gbps",
+                       "roofline_fraction", "note"], args.json)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import print_table, write_json  # noqa: E402
+from common import run_shapes  # noqa: E402
 
 from effkern.data.text import pydoc_text, token_blocks  # noqa: E402
 from effkern.methods.kv_heads.attention import use_effkern_attention  # noqa: E402
@@ -65,26 +65,24 @@ def main(argv=None) -> list[dict]:
     variants = models(DTYPES[args.dtype])
     grid = [(2048, 8)] if args.quick else list(itertools.product((512, 2048), (1, 8)))
     print(f"threads {torch.get_num_threads()}, dtype {args.dtype}")
-    rows = []
-    for ctx, batch in grid:
-        shape_rows = []
+
+    def bench_shape(ctx: int, batch: int) -> list[dict]:
+        rows = []
         for (name, attn), model in variants.items():
-            speeds = [decode_tokens_per_s(model, batch=batch, context=ctx, steps=args.steps)
-                      for _ in range(args.repeats)]
+            speed = statistics.median(decode_tokens_per_s(model, batch=batch, context=ctx, steps=args.steps)
+                                      for _ in range(args.repeats))
             per_token = kv_bytes_per_token(model)
-            shape_rows.append(dict(model=name, attention=attn, kv_heads=model.model.layers[0].self_attn.v_proj
-                                   .weight.shape[0] // model.config.head_dim, ctx=ctx, batch=batch,
-                                   dtype=args.dtype, tokens_per_s=statistics.median(speeds),
-                                   ms_per_step=1e3 * batch / statistics.median(speeds),
-                                   kv_bytes_per_token=per_token, kv_cache_mb=per_token * ctx * batch / 2**20))
-        base = next(r["tokens_per_s"] for r in shape_rows if r["model"] == "original" and r["attention"] == "sdpa")
-        for r in shape_rows:
+            rows.append(dict(model=name, attention=attn, kv_heads=model.model.layers[0].self_attn.v_proj
+                             .weight.shape[0] // model.config.head_dim, ctx=ctx, batch=batch, dtype=args.dtype,
+                             tokens_per_s=speed, ms_per_step=1e3 * batch / speed, kv_bytes_per_token=per_token,
+                             kv_cache_mb=per_token * ctx * batch / 2**20))
+        base = next(r["tokens_per_s"] for r in rows if r["model"] == "original" and r["attention"] == "sdpa")
+        for r in rows:
             r["speedup_vs_original_sdpa"] = r["tokens_per_s"] / base
-        print_table(shape_rows, ["model", "attention", "kv_heads", "ctx", "batch", "tokens_per_s", "ms_per_step",
-                                 "speedup_vs_original_sdpa", "kv_cache_mb"])
-        rows += shape_rows
-    write_json(rows, args.json)
-    return rows
+        return rows
+
+    return run_shapes(grid, bench_shape, ["model", "attention", "kv_heads", "ctx", "batch", "tokens_per_s",
+                                          "ms_per_step", "speedup_vs_original_sdpa", "kv_cache_mb"], args.json)
 
 
 if __name__ == "__main__":

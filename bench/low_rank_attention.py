@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import median_time, print_table, write_json  # noqa: E402
+from common import median_time, run_shapes  # noqa: E402
 
 from effkern.ops import low_rank_attention  # noqa: E402
 from effkern.ops._backend import usable_backends, use_backend  # noqa: E402
@@ -76,14 +76,9 @@ def main(argv=None) -> list[dict]:
     else:  # the testbed ViT (d 192, 8x8 patches + cls) and a ViT-B/16 side network (d 768, 197 tokens)
         grid = [(kk, b, n, d, r, h) for kk, (b, n, d), (r, h) in itertools.product(
             (1, 8), ((32, 65, 192), (16, 197, 768)), ((16, 2), (64, 4)))]
-    rows = []
-    for shape in grid:
-        shape_rows = bench_shape(*shape, args.device, backends)
-        print_table(shape_rows, ["backend", "K", "B", "N", "d", "r", "heads", "time_ms", "speedup_vs_reference",
-                                 "speedup_vs_sdpa", "core_gflops"])
-        rows += shape_rows
-    write_json(rows, args.json)
-    return rows
+    return run_shapes(grid, lambda *shape: bench_shape(*shape, args.device, backends),
+                      ["backend", "K", "B", "N", "d", "r", "heads", "time_ms", "speedup_vs_reference",
+                       "speedup_vs_sdpa", "core_gflops"], args.json)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import os
 
 import pytest
@@ -79,3 +80,12 @@ def strided_cache(b: int, h: int, s: int, d: int, dtype: torch.dtype, layout: st
     if layout == "bshd":
         return torch.randn(b, s, h, d).to(dtype).transpose(1, 2)
     raise ValueError(layout)
+
+
+def installed(dist: str) -> bool:
+    """Whether the distribution ``dist`` is installed (data-only packages are located, never imported)."""
+    try:
+        importlib.metadata.distribution(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True

@@ -88,13 +88,24 @@ def _probs(q, k, lse, rows, cols, n_tok, scale, DOT_F32: tl.constexpr):
 
 
 @triton.jit
+def _query_rows(base, dout_ptr, lse_ptr, delta_ptr, kb, h, rows, n_tok, stride_n, offs_d, HEADS: tl.constexpr,
+                DH: tl.constexpr):
+    """What the backward needs of a block of query rows: q, dO, and the rows' saved lse and delta."""
+    R: tl.constexpr = HEADS * DH
+    q = _tile(base, rows, n_tok, stride_n, offs_d, DH)
+    do = _tile(dout_ptr + kb.to(tl.int64) * n_tok * R + h * DH, rows, n_tok, R, offs_d, DH)
+    stats = (kb.to(tl.int64) * HEADS + h) * n_tok + rows
+    lse = tl.load(lse_ptr + stats, mask=rows < n_tok, other=0.0)
+    delta = tl.load(delta_ptr + stats, mask=rows < n_tok, other=0.0)
+    return q, do, lse, delta
+
+
+@triton.jit
 def _bwd_dkdv_kernel(qkv_ptr, dout_ptr, lse_ptr, delta_ptr, dqkv_ptr, scale, stride_k, stride_b, stride_n, n_batch,
                      n_tok, HEADS: tl.constexpr, DH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr):
     kb, h, base = _program_head(qkv_ptr, stride_k, stride_b, n_batch, DH)
     R: tl.constexpr = HEADS * DH
-    dout_base = dout_ptr + kb.to(tl.int64) * n_tok * R + h * DH
-    stats = (kb.to(tl.int64) * HEADS + h) * n_tok
     cols = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -103,12 +114,9 @@ def _bwd_dkdv_kernel(qkv_ptr, dout_ptr, lse_ptr, delta_ptr, dqkv_ptr, scale, str
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     for start in range(0, n_tok, BLOCK_M):
-        rows = start + offs_m
-        q = _tile(base, rows, n_tok, stride_n, offs_d, DH)
-        do = _tile(dout_base, rows, n_tok, R, offs_d, DH)
-        lse = tl.load(lse_ptr + stats + rows, mask=rows < n_tok, other=0.0)
-        delta = tl.load(delta_ptr + stats + rows, mask=rows < n_tok, other=0.0)
-        p = _probs(q, k, lse, rows, cols, n_tok, scale, DOT_F32)
+        q, do, lse, delta = _query_rows(base, dout_ptr, lse_ptr, delta_ptr, kb, h, start + offs_m, n_tok, stride_n,
+                                        offs_d, HEADS, DH)
+        p = _probs(q, k, lse, start + offs_m, cols, n_tok, scale, DOT_F32)
         dv += _dot(tl.trans(p.to(do.dtype)), do, DOT_F32)
         ds = p * (_dot(do, tl.trans(v), DOT_F32) - delta[:, None])
         dk += _dot(tl.trans(ds.to(q.dtype)), q, DOT_F32)
@@ -124,14 +132,11 @@ def _bwd_dq_kernel(qkv_ptr, dout_ptr, lse_ptr, delta_ptr, dqkv_ptr, scale, strid
                    BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr):
     kb, h, base = _program_head(qkv_ptr, stride_k, stride_b, n_batch, DH)
     R: tl.constexpr = HEADS * DH
-    stats = (kb.to(tl.int64) * HEADS + h) * n_tok
     rows = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    q = _tile(base, rows, n_tok, stride_n, offs_d, DH)
-    do = _tile(dout_ptr + kb.to(tl.int64) * n_tok * R + h * DH, rows, n_tok, R, offs_d, DH)
-    lse = tl.load(lse_ptr + stats + rows, mask=rows < n_tok, other=0.0)
-    delta = tl.load(delta_ptr + stats + rows, mask=rows < n_tok, other=0.0)
+    q, do, lse, delta = _query_rows(base, dout_ptr, lse_ptr, delta_ptr, kb, h, rows, n_tok, stride_n, offs_d, HEADS,
+                                    DH)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start in range(0, n_tok, BLOCK_N):
         cols = start + offs_n

@@ -28,11 +28,15 @@ from effkern.ops import _backend
 from effkern.ops._checks import FLOAT_DTYPES, check_same_dtype, check_tensor
 
 
-def _split_heads(qkv: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _heads(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """[K, B, N, H dh] -> fp32 [K, B, H, N, dh]."""
+    kk, b, n, r = t.shape
+    return t.float().view(kk, b, n, heads, r // heads).transpose(2, 3)
+
+
+def _split_heads(qkv: torch.Tensor, heads: int) -> tuple[torch.Tensor, ...]:
     """qkv [K, B, N, 3r] -> q, k, v as fp32 [K, B, H, N, dh]."""
-    kk, b, n, three_r = qkv.shape
-    parts = qkv.float().view(kk, b, n, 3, heads, three_r // (3 * heads))
-    return tuple(parts[..., i, :, :].transpose(2, 3) for i in range(3))
+    return tuple(_heads(part, heads) for part in qkv.chunk(3, dim=-1))
 
 
 def _merge_heads(t: torch.Tensor) -> torch.Tensor:
@@ -54,8 +58,7 @@ def core_bwd_reference(qkv, out, lse, dout, heads: int, scale: float) -> torch.T
     """dqkv from the saved forward: P = exp(S - lse), dV = P^T dO, dS = P (dO V^T - rowsum(dO O)),
     dQ = scale dS K, dK = scale dS^T Q."""
     q, k, v = _split_heads(qkv, heads)
-    (do,) = _split_heads(torch.cat([dout, dout, dout], -1), heads)[:1]
-    (o,) = _split_heads(torch.cat([out, out, out], -1), heads)[:1]
+    do, o = _heads(dout, heads), _heads(out, heads)
     p = torch.exp(q @ k.transpose(-1, -2) * scale - lse[..., None])
     ds = p * (do @ v.transpose(-1, -2) - (do * o).sum(-1, keepdim=True))
     grads = [ds @ k * scale, ds.transpose(-1, -2) @ q * scale, p.transpose(-1, -2) @ do]

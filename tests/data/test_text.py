@@ -9,6 +9,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 import torch
+from helpers import installed
 
 from effkern.data import text as text_mod
 from effkern.data.text import (
@@ -20,17 +21,8 @@ from effkern.data.text import (
     wiki_text,
 )
 
-
-def _installed(dist: str) -> bool:
-    try:
-        importlib.metadata.distribution(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return False
-    return True
-
-
 requires_gensim = pytest.mark.skipif(
-    not _installed("gensim"), reason="the Wikipedia sample ships in gensim: pip install --no-deps gensim==4.4.0"
+    not installed("gensim"), reason="the Wikipedia sample ships in gensim: pip install --no-deps gensim==4.4.0"
 )
 
 

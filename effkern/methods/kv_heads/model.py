@@ -97,6 +97,23 @@ def _dequantise_smollm2_into(folder: Path) -> None:
     tokenizer.save_pretrained(folder)
 
 
+def _llama_config(vocab: int, hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int, head_dim: int,
+                  *, max_positions: int, rope_theta: float, **extra) -> LlamaConfig:
+    """A Llama config with default RoPE; ``extra`` goes to LlamaConfig as is."""
+    return LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
+        max_position_embeddings=max_positions,
+        rope_parameters={"rope_type": "default", "rope_theta": rope_theta},
+        **extra,
+    )
+
+
 def tiny_llama(
     num_heads: int = 4,
     num_kv_heads: int = 2,
@@ -115,20 +132,9 @@ def tiny_llama(
     ``init_std`` scales the initial weights: raise it (e.g. 0.2) to get logits far from uniform, which tests of
     losses and of compression error need to be able to fail.
     """
-    config = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=intermediate,
-        num_hidden_layers=layers,
-        num_attention_heads=num_heads,
-        num_key_value_heads=num_kv_heads,
-        head_dim=head_dim,
-        max_position_embeddings=4096,
-        rope_parameters={"rope_type": "default", "rope_theta": rope_theta},
-        initializer_range=init_std,
-        tie_word_embeddings=False,
-        attn_implementation=attn_implementation,
-    )
+    config = _llama_config(vocab, hidden, intermediate, layers, num_heads, num_kv_heads, head_dim, max_positions=4096,
+                           rope_theta=rope_theta, initializer_range=init_std, tie_word_embeddings=False,
+                           attn_implementation=attn_implementation)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
@@ -141,19 +147,8 @@ def tiny_llama(
 def mha_config(vocab: int, layers: int = 4, hidden: int = 256, heads: int = 8, head_dim: int = 32,
                intermediate: int = 688) -> LlamaConfig:
     """Config of the small multi-head Llama: ``num_key_value_heads == num_attention_heads``, tied embeddings."""
-    return LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=intermediate,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=heads,
-        head_dim=head_dim,
-        max_position_embeddings=2048,
-        rope_parameters={"rope_type": "default", "rope_theta": 1e4},
-        tie_word_embeddings=True,
-        attn_implementation="sdpa",
-    )
+    return _llama_config(vocab, hidden, intermediate, layers, heads, heads, head_dim, max_positions=2048,
+                         rope_theta=1e4, tie_word_embeddings=True, attn_implementation="sdpa")
 
 
 def _lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
