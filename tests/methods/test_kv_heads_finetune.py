@@ -6,18 +6,26 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from effkern.methods.kv_heads.attention import use_effkern_attention
 from effkern.methods.kv_heads.calibrate import collect_stats
 from effkern.methods.kv_heads.convert import compress_kv_heads
 from effkern.methods.kv_heads.evaluate import decode_tokens_per_s
-from effkern.methods.kv_heads.finetune import distillation_loss, lora_finetune
+from effkern.methods.kv_heads.finetune import head_loss, lora_finetune
 from effkern.methods.kv_heads.model import tiny_llama
+
+
+def kl(student_logits, teacher_logits):
+    """Mean over positions of KL(teacher || student), on whole logits (the formula head_loss chunks)."""
+    s = F.log_softmax(student_logits.flatten(0, -2), -1)
+    t = F.log_softmax(teacher_logits.flatten(0, -2), -1)
+    return F.kl_div(s, t, log_target=True, reduction="batchmean")
 
 
 def kl_to(teacher, student, blocks):
     with torch.no_grad():
-        return distillation_loss(student(input_ids=blocks).logits, teacher(input_ids=blocks).logits).item()
+        return kl(student(input_ids=blocks).logits, teacher(input_ids=blocks).logits).item()
 
 
 @pytest.mark.parametrize("method, strategy", [("mean_pool", "mean_pool"), ("ours", "rope_commuting")])
@@ -37,10 +45,38 @@ def test_distillation_moves_the_compressed_model_towards_the_original(method, st
     assert not any("lora" in name for name, _ in tuned.named_parameters())  # adapters merged
 
 
-def test_distillation_loss_is_zero_only_for_equal_distributions():
-    a = torch.randn(2, 5, 11)
-    assert distillation_loss(a, a).abs() < 1e-6
-    assert distillation_loss(a, a + torch.randn(2, 5, 11)) > 1e-3
+@pytest.mark.parametrize("chunk", [1, 7, 64])
+def test_head_loss_equals_whole_logits_losses_and_their_gradients(chunk):
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(20, 16, generator=g, requires_grad=True)
+    head = torch.randn(50, 16, generator=g)
+    teacher_hidden, teacher_head = torch.randn(20, 12, generator=g), torch.randn(50, 12, generator=g)
+    labels = torch.randint(0, 50, (20,), generator=g)
+    labels[[3, 11]] = -100
+    cases = [
+        (dict(labels=labels), lambda h: F.cross_entropy(h @ head.T, labels)),
+        (dict(teacher_hidden=teacher_hidden, teacher_head=teacher_head),
+         lambda h: kl(h @ head.T, teacher_hidden @ teacher_head.T)),
+    ]
+    for kwargs, formula in cases:
+        ours = head_loss(hidden, head, chunk=chunk, **kwargs)
+        (grad,) = torch.autograd.grad(3.0 * ours, hidden)
+        want = formula(hidden)
+        (want_grad,) = torch.autograd.grad(3.0 * want, hidden)
+        torch.testing.assert_close(ours, want)
+        torch.testing.assert_close(grad, want_grad)
+    same = head_loss(teacher_hidden, teacher_head, teacher_hidden=teacher_hidden, teacher_head=teacher_head)
+    assert same.abs() < 1e-6
+
+
+def test_bad_head_loss_arguments():
+    hidden, head = torch.randn(4, 8), torch.randn(10, 8)
+    with pytest.raises(ValueError, match="exactly one of labels and teacher_hidden"):
+        head_loss(hidden, head)
+    with pytest.raises(ValueError, match="must be frozen"):
+        head_loss(hidden, head.requires_grad_(), labels=torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match="all -100"):
+        head_loss(hidden, head.detach(), labels=torch.full((4,), -100))
 
 
 def test_bad_finetune_arguments():
