@@ -16,6 +16,8 @@ PYBIND11_MODULE(_C, m) {
   m.attr("HAS_CUDA") = true;
   m.def("gqa_decode_cuda", &effkern::gqa_decode_cuda, "GQA decode attention, CUDA kernel");
   m.def("kv_append_cuda", &effkern::kv_append_cuda, "KV-cache append with RoPE/projection, CUDA kernel");
+  m.def("low_rank_attention_fwd_cuda", &effkern::low_rank_attention_fwd_cuda, "low-rank attention core, CUDA");
+  m.def("low_rank_attention_bwd_cuda", &effkern::low_rank_attention_bwd_cuda, "its backward, CUDA");
 #else
   m.attr("HAS_CUDA") = false;
 #endif

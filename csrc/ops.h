@@ -44,6 +44,10 @@ void kv_append_cuda(at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& k,
                     const at::Tensor& slots, const std::optional<at::Tensor>& cos,
                     const std::optional<at::Tensor>& sin, const std::optional<at::Tensor>& k_proj,
                     int64_t rope_style, int64_t rotary_dim);
+
+std::tuple<at::Tensor, at::Tensor> low_rank_attention_fwd_cuda(const at::Tensor& qkv, int64_t heads, double scale);
+at::Tensor low_rank_attention_bwd_cuda(const at::Tensor& qkv, const at::Tensor& out, const at::Tensor& lse,
+                                       const at::Tensor& dout, int64_t heads, double scale);
 #endif
 
 }  // namespace effkern

@@ -1,4 +1,4 @@
-// Thin torch glue for the torch-free CUDA launchers (gqa_decode.cuh, kv_append.cuh): argument checks, device
+// Thin torch glue for the torch-free CUDA launchers (gqa_decode.cuh, kv_append.cuh, low_rank_attention.cuh): argument checks, device
 // guard, current stream, caching-allocator output and workspace, launch error reporting. Only light ATen/c10
 // headers on purpose: torch/extension.h would make this nvcc compile take ~110 s and ~3 GB.
 #include <ATen/core/Tensor.h>
@@ -10,11 +10,14 @@
 
 #include <algorithm>
 #include <optional>
+#include <tuple>
 #include <utility>
+#include <vector>
 
 #include "../ops.h"
 #include "gqa_decode.cuh"
 #include "kv_append.cuh"
+#include "low_rank_attention.cuh"
 
 namespace effkern {
 namespace {
@@ -225,6 +228,65 @@ void kv_append_cuda(at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& k,
   const char* why = nullptr;
   const cudaError_t err = gpu::kv_append_launch(args, at::cuda::getCurrentCUDAStream(), &why);
   check_launch(err, why, op);
+}
+
+namespace {
+
+// The launcher arguments of the low-rank attention core from qkv [K, B, N, 3r] (contiguous last dim).
+gpu::LowRankAttnArgs low_rank_args(const at::Tensor& qkv, int64_t heads, double scale, const char* op) {
+  TORCH_CHECK(qkv.is_cuda(), op, ": qkv must be a CUDA tensor, got ", qkv.device());
+  TORCH_CHECK(qkv.dim() == 4 && (qkv.size(3) <= 1 || qkv.stride(3) == 1), op,
+              ": qkv must be [K, B, N, 3r] with a contiguous last dim, got ", qkv.sizes(), " strides ",
+              qkv.strides());
+  TORCH_CHECK(heads > 0 && qkv.size(3) % (3 * heads) == 0, op, ": qkv's last dim must be 3 * heads * head_dim");
+  gpu::LowRankAttnArgs a;
+  a.dtype = cuda_dtype(qkv, op, "qkv");
+  a.qkv = qkv.data_ptr();
+  a.s_k = qkv.stride(0), a.s_b = qkv.stride(1), a.s_n = qkv.stride(2);
+  a.K = qkv.size(0), a.B = qkv.size(1), a.N = qkv.size(2), a.H = heads, a.dh = qkv.size(3) / (3 * heads);
+  a.scale = static_cast<float>(scale);
+  return a;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> low_rank_attention_fwd_cuda(const at::Tensor& qkv, int64_t heads, double scale) {
+  constexpr const char* op = "low_rank_attention_fwd_cuda";
+  gpu::LowRankAttnArgs a = low_rank_args(qkv, heads, scale, op);
+  const c10::cuda::CUDAGuard guard(qkv.device());
+  at::Tensor out = at::empty({a.K, a.B, a.N, a.H * a.dh}, qkv.options());
+  at::Tensor lse = at::empty({a.K, a.B, a.H, a.N}, qkv.options().dtype(at::kFloat));
+  a.out = out.data_ptr();
+  a.lse = lse.data_ptr<float>();
+  const char* why = nullptr;
+  check_launch(gpu::low_rank_attention_fwd_launch(a, at::cuda::getCurrentCUDAStream(), &why), why, op);
+  return {out, lse};
+}
+
+at::Tensor low_rank_attention_bwd_cuda(const at::Tensor& qkv, const at::Tensor& out, const at::Tensor& lse,
+                                       const at::Tensor& dout, int64_t heads, double scale) {
+  constexpr const char* op = "low_rank_attention_bwd_cuda";
+  gpu::LowRankAttnArgs a = low_rank_args(qkv, heads, scale, op);
+  const std::vector<int64_t> out_shape{a.K, a.B, a.N, a.H * a.dh};
+  for (const auto* t : {&out, &dout}) {
+    check_cuda(*t, qkv, op, "out/dout");
+    TORCH_CHECK(t->sizes() == out_shape && t->is_contiguous() && t->scalar_type() == qkv.scalar_type(), op,
+                ": out and dout must be contiguous [K, B, N, r] in qkv's dtype");
+  }
+  check_cuda(lse, qkv, op, "lse");
+  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.is_contiguous() && lse.numel() == a.K * a.B * a.H * a.N, op,
+              ": lse must be a contiguous float32 [K, B, H, N]");
+  const c10::cuda::CUDAGuard guard(qkv.device());
+  at::Tensor dqkv = at::empty({a.K, a.B, a.N, 3 * a.H * a.dh}, qkv.options());
+  at::Tensor delta = at::empty({a.K, a.B, a.H, a.N}, qkv.options().dtype(at::kFloat));
+  a.out = const_cast<void*>(out.data_ptr());
+  a.lse = const_cast<float*>(lse.data_ptr<float>());
+  a.dout = dout.data_ptr();
+  a.dqkv = dqkv.data_ptr();
+  a.delta = delta.data_ptr<float>();
+  const char* why = nullptr;
+  check_launch(gpu::low_rank_attention_bwd_launch(a, at::cuda::getCurrentCUDAStream(), &why), why, op);
+  return dqkv;
 }
 
 }  // namespace effkern

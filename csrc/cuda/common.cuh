@@ -1,11 +1,35 @@
-// Device helpers shared by the CUDA kernel families: explicit element conversions (the torch build defines
+// Helpers shared by the CUDA kernel families: launcher argument checks, explicit element conversions (the torch build defines
 // __CUDA_NO_HALF_CONVERSIONS__) and RoPE of one element. Torch-free.
 #pragma once
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <library_types.h>
+
+#include <cstddef>
+#include <cstdint>
 
 namespace effkern::gpu {
+
+constexpr int64_t kIntMax = 0x7fffffff;  // bound of the launchers' int indices and grid dimensions
+
+// A launcher's argument check failed: name it through *why (a static string), return cudaErrorInvalidValue.
+inline cudaError_t invalid_argument(const char** why, const char* msg) {
+  if (why != nullptr) *why = msg;
+  return cudaErrorInvalidValue;
+}
+
+// Bytes per element of the kernels' dtypes, 0 for any other.
+inline size_t dtype_bytes(cudaDataType_t t) {
+  switch (t) {
+    case CUDA_R_32F: return sizeof(float);
+    case CUDA_R_16F: return sizeof(__half);
+    case CUDA_R_16BF: return sizeof(__nv_bfloat16);
+    default: return 0;
+  }
+}
+constexpr const char* kDtypeError = "dtype must be CUDA_R_32F, CUDA_R_16F or CUDA_R_16BF";
 
 __device__ __forceinline__ float to_float(float x) { return x; }
 __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }

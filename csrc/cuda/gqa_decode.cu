@@ -567,18 +567,9 @@ size_t gqa_decode_workspace_bytes(const GqaDecodeArgs& a) {
 
 cudaError_t gqa_decode_launch(const GqaDecodeArgs& a, void* workspace, size_t workspace_bytes, cudaStream_t stream,
                               const char** why) {
-  auto fail = [why](const char* msg) {
-    if (why != nullptr) *why = msg;
-    return cudaErrorInvalidValue;
-  };
-  constexpr int64_t kIntMax = 0x7fffffff;
-  size_t elem = 0;
-  switch (a.dtype) {
-    case CUDA_R_32F: elem = sizeof(float); break;
-    case CUDA_R_16F: elem = sizeof(__half); break;
-    case CUDA_R_16BF: elem = sizeof(__nv_bfloat16); break;
-    default: return fail("dtype must be CUDA_R_32F, CUDA_R_16F or CUDA_R_16BF");
-  }
+  auto fail = [why](const char* msg) { return invalid_argument(why, msg); };
+  const size_t elem = dtype_bytes(a.dtype);
+  if (elem == 0) return fail(kDtypeError);
   if (a.batch < 0 || a.batch > kIntMax) return fail("batch must be in [0, 2^31)");
   if (a.q_heads < 1 || a.kv_heads < 1 || a.q_heads > kIntMax) return fail("q_heads and kv_heads must be >= 1");
   if (a.q_heads % a.kv_heads != 0) return fail("q_heads must be a multiple of kv_heads");

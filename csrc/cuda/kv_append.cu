@@ -117,13 +117,8 @@ cudaError_t launch_typed(const Params& p, cudaStream_t stream) {
 }  // namespace
 
 cudaError_t kv_append_launch(const KvAppendArgs& a, cudaStream_t stream, const char** why) {
-  auto fail = [why](const char* msg) {
-    if (why != nullptr) *why = msg;
-    return cudaErrorInvalidValue;
-  };
-  constexpr int64_t kIntMax = 0x7fffffff;
-  if (a.dtype != CUDA_R_32F && a.dtype != CUDA_R_16F && a.dtype != CUDA_R_16BF)
-    return fail("dtype must be CUDA_R_32F, CUDA_R_16F or CUDA_R_16BF");
+  auto fail = [why](const char* msg) { return invalid_argument(why, msg); };
+  if (dtype_bytes(a.dtype) == 0) return fail(kDtypeError);
   if (a.batch < 0 || a.batch > kIntMax) return fail("batch must be in [0, 2^31)");
   if (a.k_heads < 1 || a.kv_heads < 1 || a.k_heads > kIntMax) return fail("k_heads and kv_heads must be >= 1");
   if (a.head_dim < 1 || a.k_dim < 1 || a.v_dim < 1 || a.head_dim > kIntMax || a.k_dim > kIntMax || a.v_dim > kIntMax)

@@ -14,7 +14,8 @@ attention core ``effkern::low_rank_attention_core`` (forward + backward custom o
 CPU fusing the projections into the core does not pay: a BLAS GEMM already streams x once, and the core's
 [N, 3r] input per item is small. Core backends (op contract, DESIGN.md): ``cpu`` = C++ kernel (per
 (side network, image, head) item, keys in SIMD lanes, probabilities recomputed in the backward); on CUDA
-tensors the Triton kernels (FlashAttention-2 style forward and backward); the reference everywhere else.
+tensors the CUDA kernels (fp32 FMAs, a warp per row, head dims up to 128) when built, else the Triton kernels
+(FlashAttention-2 style forward and backward); the reference everywhere else.
 Accumulation is fp32.
 """
 
@@ -65,12 +66,12 @@ def core_bwd_reference(qkv, out, lse, dout, heads: int, scale: float) -> torch.T
     return torch.cat([_merge_heads(g) for g in grads], -1).to(qkv.dtype)
 
 
-def _cpu_fwd(qkv, heads, scale):
-    return tuple(_backend.extension().low_rank_attention_fwd_cpu(qkv, heads, scale))
+def _native_fwd(qkv, heads, scale):
+    return tuple(getattr(_backend.extension(), f"low_rank_attention_fwd_{qkv.device.type}")(qkv, heads, scale))
 
 
-def _cpu_bwd(*args):
-    return _backend.extension().low_rank_attention_bwd_cpu(*args)
+def _native_bwd(qkv, *args):
+    return getattr(_backend.extension(), f"low_rank_attention_bwd_{qkv.device.type}")(qkv, *args)
 
 
 def _triton_fwd(*args):
@@ -85,19 +86,22 @@ def _triton_bwd(*args):
     return low_rank_attention_bwd_triton(*args)
 
 
-_FWD = {"reference": core_reference, "cpu": _cpu_fwd, "triton": _triton_fwd}
-_BWD = {"reference": core_bwd_reference, "cpu": _cpu_bwd, "triton": _triton_bwd}
+_FWD = {"reference": core_reference, "cpu": _native_fwd, "cuda": _native_fwd, "triton": _triton_fwd}
+_BWD = {"reference": core_bwd_reference, "cpu": _native_bwd, "cuda": _native_bwd, "triton": _triton_bwd}
+CUDA_MAX_HEAD_DIM = 128  # csrc/cuda/low_rank_attention.cuh: kLowRankAttnMaxHeadDim
 
 
-def _preferred(t: torch.Tensor) -> list[str]:
-    return ["cpu"] if t.device.type == "cpu" else ["triton"]
+def _preferred(qkv: torch.Tensor, heads: int) -> list[str]:
+    if qkv.device.type == "cpu":
+        return ["cpu"]
+    return ["cuda", "triton"] if qkv.shape[-1] // (3 * heads) <= CUDA_MAX_HEAD_DIM else ["triton"]
 
 
 @torch.library.custom_op("effkern::low_rank_attention_core", mutates_args=())
 def core_op(qkv: torch.Tensor, heads: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention inside the low-rank space: qkv [K, B, N, 3r] (any strides, contiguous last dim) ->
     (out [K, B, N, r], lse fp32 [K, B, H, N])."""
-    return _backend.run("low_rank_attention", qkv.device, _preferred(qkv), _FWD, qkv, heads, scale)
+    return _backend.run("low_rank_attention", qkv.device, _preferred(qkv, heads), _FWD, qkv, heads, scale)
 
 
 @core_op.register_fake
@@ -110,7 +114,8 @@ def _(qkv, heads, scale):
 def core_bwd_op(qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, dout: torch.Tensor, heads: int,
                 scale: float) -> torch.Tensor:
     """dqkv [K, B, N, 3r] (contiguous) of the core from its saved forward and dout [K, B, N, r] (contiguous)."""
-    return _backend.run("low_rank_attention", qkv.device, _preferred(qkv), _BWD, qkv, out, lse, dout, heads, scale)
+    return _backend.run("low_rank_attention", qkv.device, _preferred(qkv, heads), _BWD, qkv, out, lse, dout, heads,
+                        scale)
 
 
 @core_bwd_op.register_fake

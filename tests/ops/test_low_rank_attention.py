@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_close, assert_close_scaled, env, requires_ext, supported_cpu_isas
+from helpers import assert_close, assert_close_scaled, env, requires_cuda, requires_ext, supported_cpu_isas
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -30,7 +30,7 @@ def forward_backward(backend, inputs, isa=None, **kwargs):
     """Output and gradients of a fixed random projection of it (so every output element matters)."""
     with env(EFFKERN_BACKEND=backend, EFFKERN_CPU_ISA=isa):
         y = low_rank_attention(*inputs, **kwargs)
-        weight = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
+        weight = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y.device)
         grads = torch.autograd.grad((y.float() * weight).sum(), inputs)
     return [y, *grads]
 
@@ -129,7 +129,20 @@ def test_bad_inputs_name_the_argument(change, match):
         low_rank_attention(**args)
 
 
-def test_forcing_a_backend_without_a_kernel_raises():
+def test_forcing_an_unusable_backend_raises():
     inputs = make(1, 1, 4, 8, 4, torch.float32)
     with pytest.raises(BackendUnavailableError, match="cannot run"):
         forward_backward("cuda", inputs)
+
+
+@requires_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n, r, heads", [(197, 16, 2), (50, 7, 1), (65, 96, 1), (33, 256, 2)])
+def test_gpu_backends(backend, dtype, n, r, heads):
+    """Values and gradients on the GPU vs the reference, head dims 8 / 7 / 96 / 128 (the CUDA limit)."""
+    inputs = [t.detach().cuda().requires_grad_() for t in make(3, 2, n, 24, r, dtype)]
+    expected = forward_backward("reference", inputs, heads=heads)
+    for got, want in zip(forward_backward(backend, inputs, heads=heads), expected, strict=True):
+        assert_close_scaled(got, want)
