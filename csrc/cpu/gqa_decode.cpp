@@ -114,6 +114,7 @@ at::Tensor gqa_decode_cpu(const at::Tensor& q, const at::Tensor& k_cache, const 
   const int64_t n_items = pairs * p.splits, scratch_floats = cpu::gqa_decode_scratch_floats(p);
   std::atomic<int64_t> next{0};
   at::parallel_for(0, std::min(threads, n_items), 1, [&](int64_t, int64_t) {
+    const cpu::FlushDenormals ftz;
     std::vector<float> scratch(scratch_floats);
     for (int64_t i = next.fetch_add(1); i < n_items; i = next.fetch_add(1)) items_fn(p, i, i + 1, scratch.data());
   });

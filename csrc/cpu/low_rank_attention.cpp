@@ -36,6 +36,7 @@ void run_items(const cpu::LowRankAttnParams& p, bool backward) {
   }
   const int64_t scratch = backward ? cpu::low_rank_attn_bwd_scratch(p) : cpu::low_rank_attn_fwd_scratch(p);
   at::parallel_for(0, p.K * p.B * p.H, 1, [&](int64_t begin, int64_t end) {
+    const cpu::FlushDenormals ftz;
     std::vector<float> buf(scratch);
     fn(p, begin, end, buf.data());
   });
