@@ -35,6 +35,7 @@ $(BUILT): $(STACK) $(SOURCES)
 demo: install
 	$(VENV)/bin/effkern info
 	$(VENV)/bin/effkern kv-compress --out runs/kv_heads
+	$(VENV)/bin/effkern last --quick --out runs/last_quick
 	$(PY) bench/gqa_decode.py --quick
 
 test: install
@@ -44,6 +45,7 @@ bench: install
 	$(PY) bench/gqa_decode.py --json bench-results/gqa_decode.json
 	$(PY) bench/kv_compress.py --json bench-results/kv_compress.json
 	$(PY) bench/low_rank_attention.py --json bench-results/low_rank_attention.json
+	$(PY) bench/side_tuning.py --json bench-results/side_tuning.json
 
 lint: install
 	$(VENV)/bin/ruff check effkern triton_kernels bench tests setup.py

@@ -93,6 +93,23 @@ def main(argv: list[str] | None = None) -> None:
     pre.add_argument("--out", default=None, help="weights file (default ~/.cache/effkern/vit-mini-32.safetensors)")
     pre.add_argument("--epochs", type=int, default=4)
     pre.add_argument("--max-images", type=int, default=None, help="subsample the 120k pretraining images")
+    last = sub.add_parser("last", help="LAST side-tuning vs linear probe, LoRA, full fine-tuning on mini-VTAB-1k")
+    last.add_argument("--tasks", default="", help="comma-separated mini-VTAB tasks (default: all)")
+    last.add_argument("--methods", default="", help="comma-separated among linear_probe,last,lora,full (default: all)")
+    last.add_argument("--backbone", default=None, help="backbone weights (default: the packaged one)")
+    last.add_argument("--parallel-lrs", default="1e-3,3e-3,1e-2,3e-2",
+                      help="learning rates trained at once (K side networks) for LAST and the linear probe")
+    last.add_argument("--lora-lrs", default="1e-3")
+    last.add_argument("--full-lrs", default="1e-4")
+    last.add_argument("--rank", type=int, default=16)
+    last.add_argument("--heads", type=int, default=2)
+    last.add_argument("--group-size", type=int, default=1)
+    last.add_argument("--pool", default="cls", choices=["cls", "mean"])
+    last.add_argument("--no-bias-correction", action="store_true")
+    last.add_argument("--epochs", type=int, default=20)
+    last.add_argument("--batch-size", type=int, default=32)
+    last.add_argument("--out", default="runs/last")
+    last.add_argument("--quick", action="store_true", help="3 tasks, 5 epochs")
     args, rest = parser.parse_known_args(argv)
     if args.command == "info":
         for key, value in info().items():
@@ -103,6 +120,26 @@ def main(argv: list[str] | None = None) -> None:
         from effkern.methods.backbone import pretrain_backbone
 
         print(pretrain_backbone(args.out, epochs=args.epochs, max_images=args.max_images))
+    elif args.command == "last":
+        if rest:
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        from effkern.methods.last.flow import LastConfig
+        from effkern.methods.last.flow import run as run_last
+
+        def floats(text: str) -> tuple[float, ...]:
+            return tuple(float(v) for v in text.split(",") if v)
+
+        def names(text: str, default: tuple[str, ...]) -> tuple[str, ...]:
+            return tuple(v for v in text.split(",") if v) or default
+
+        base = LastConfig()
+        quick = dict(tasks=("digits", "lfw_face", "rotation"), epochs=5) if args.quick else {}
+        run_last(LastConfig(**{**dict(
+            tasks=names(args.tasks, base.tasks), methods=names(args.methods, base.methods), backbone=args.backbone,
+            parallel_lrs=floats(args.parallel_lrs), lora_lrs=floats(args.lora_lrs), full_lrs=floats(args.full_lrs),
+            rank=args.rank, heads=args.heads, group_size=args.group_size, pool=args.pool,
+            bias_correction=not args.no_bias_correction, epochs=args.epochs, batch_size=args.batch_size,
+            out=args.out), **quick}))
     elif args.command == "kv-compress":
         if rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")

@@ -29,7 +29,9 @@ from effkern.data.vision import fashion_mnist, mnist
 
 VIT_CONFIG = dict(img_size=32, patch_size=4, in_chans=1, embed_dim=128, depth=6, num_heads=4, mlp_ratio=4.0,
                   num_classes=0)
-DEFAULT_PATH = Path("~/.cache/effkern/vit-mini-32.safetensors").expanduser()
+DEFAULT_PATH = Path("~/.cache/effkern/vit-mini-32.safetensors").expanduser()  # `effkern pretrain-backbone` output
+# the committed backbone, made by `effkern pretrain-backbone --out effkern/weights/vit-mini-32.safetensors`
+PACKAGED_PATH = Path(__file__).resolve().parent.parent / "weights" / "vit-mini-32.safetensors"
 PRETRAIN_CLASSES = 20
 
 
@@ -44,10 +46,10 @@ def normalize(images: torch.Tensor) -> torch.Tensor:
 
 
 def load_backbone(path: str | os.PathLike | None = None) -> VisionTransformer:
-    """The pretrained backbone (eval mode) from ``path`` (default: the ``effkern pretrain-backbone`` output)."""
-    path = Path(path or DEFAULT_PATH).expanduser()
+    """The pretrained backbone (eval mode) from ``path`` (default: the packaged one, :data:`PACKAGED_PATH`)."""
+    path = Path(path or PACKAGED_PATH).expanduser()
     if not path.exists():
-        raise FileNotFoundError(f"no backbone at {path}: run `effkern pretrain-backbone` first")
+        raise FileNotFoundError(f"no backbone at {path}: make one with `effkern pretrain-backbone --out {path}`")
     vit = make_backbone()
     vit.load_state_dict(load_file(path))
     return vit.eval()

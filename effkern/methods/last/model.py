@@ -89,4 +89,6 @@ class LASTSide(nn.Module):
         out = feats[-1].to(dtype) + deltas if self.bias_correction else u
         out = self.final_norm(out)
         pooled = out[..., 0, :] if self.pool == "cls" else out[..., self.num_prefix_tokens :, :].mean(-2)
+        if pooled.dim() == 2:  # no LSA block (the linear probe): every network reads the same feature
+            pooled = pooled.expand(self.num_networks, -1, -1)
         return torch.baddbmm(self.head_bias[:, None], pooled, self.head_weight)

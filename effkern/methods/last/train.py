@@ -9,7 +9,7 @@ gradient scaling); network k then follows exactly the trajectory it would follow
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -68,39 +68,59 @@ def warmup_cosine(total_steps: int, warmup_steps: int):
     return factor
 
 
-def train_side(side: torch.nn.Module, feats: Sequence[torch.Tensor], labels: torch.Tensor, *, lrs: Sequence[float],
-               epochs: int, batch_size: int = 32, weight_decay: float = 0.05, warmup_epochs: int = 1, seed: int = 0,
-               progress: bool = True) -> list[float]:
-    """Train ``side`` (K networks, K = len(lrs)) on cached features ``feats`` (``[z_0..z_m]``, each ``[n, N, d]``)
-    and ``labels [n]`` with cross-entropy summed over the K networks (each network's gradient is its own).
-    Returns the mean training loss per epoch (averaged over networks)."""
-    n = labels.shape[0]
-    if any(f.shape[0] != n for f in feats):
-        raise ValueError(f"every feature tensor must have the {n} examples of labels in dim 0")
+def side_optimizer(side: torch.nn.Module, lrs: Sequence[float], weight_decay: float = 0.05) -> StackedAdamW:
+    """StackedAdamW over the side networks' trainable parameters (no weight decay on biases)."""
     decay = [p for name, p in side.named_parameters() if p.requires_grad and "bias" not in name]
     no_decay = [p for name, p in side.named_parameters() if p.requires_grad and "bias" in name]
-    opt = StackedAdamW([dict(params=decay), dict(params=no_decay, weight_decay=0.0)], lrs,
-                       weight_decay=weight_decay)
+    return StackedAdamW([dict(params=decay), dict(params=no_decay, weight_decay=0.0)], lrs, weight_decay=weight_decay)
+
+
+def side_step(side: torch.nn.Module, opt: torch.optim.Optimizer, feats: Sequence[torch.Tensor],
+              labels: torch.Tensor) -> float:
+    """One step on a batch of features; the loss is cross-entropy summed over the K networks (each network's
+    gradient is its own). Returns it (summed over networks, mean over the batch)."""
+    logits = side(feats)  # [K, b, C]
+    loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.repeat(logits.shape[0]),
+                           reduction="sum") / labels.shape[0]
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss.item()
+
+
+def fit(opt: torch.optim.Optimizer, n: int, step: Callable[[torch.Tensor], float], *, epochs: int,
+        batch_size: int = 32, warmup_epochs: int = 1, seed: int = 0, desc: str = "train",
+        progress: bool = True) -> list[float]:
+    """Run ``epochs`` shuffled passes over ``n`` examples, calling ``step(batch_indices) -> loss`` per batch, with a
+    linear warm-up + cosine decay of ``opt``'s learning rate per step. Returns the mean loss per epoch."""
     steps_per_epoch = math.ceil(n / batch_size)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(epochs * steps_per_epoch,
                                                                  warmup_epochs * steps_per_epoch))
     g = torch.Generator().manual_seed(seed)
     history = []
-    side.train()
-    for _ in tqdm(range(epochs), desc="LAST", disable=not progress):
+    for _ in tqdm(range(epochs), desc=desc, disable=not progress):
         total = 0.0
         for idx in torch.randperm(n, generator=g).split(batch_size):
-            logits = side([f[idx] for f in feats])  # [K, b, C]
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), labels[idx].repeat(logits.shape[0]),
-                                   reduction="sum") / idx.numel()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            total += step(idx) * idx.numel()
             sched.step()
-            total += loss.item() * idx.numel()
-        history.append(total / n / len(lrs))
-    side.eval()
+        history.append(total / n)
     return history
+
+
+def train_side(side: torch.nn.Module, feats: Sequence[torch.Tensor], labels: torch.Tensor, *, lrs: Sequence[float],
+               epochs: int, batch_size: int = 32, weight_decay: float = 0.05, warmup_epochs: int = 1, seed: int = 0,
+               progress: bool = True) -> list[float]:
+    """Train ``side`` (K networks, K = len(lrs)) on cached features ``feats`` (``[z_0..z_m]``, each ``[n, N, d]``)
+    and ``labels [n]`` (:func:`side_step`). Returns the mean training loss per epoch (averaged over networks)."""
+    n = labels.shape[0]
+    if any(f.shape[0] != n for f in feats):
+        raise ValueError(f"every feature tensor must have the {n} examples of labels in dim 0")
+    opt = side_optimizer(side, lrs, weight_decay)
+    side.train()
+    history = fit(opt, n, lambda idx: side_step(side, opt, [f[idx] for f in feats], labels[idx]), epochs=epochs,
+                  batch_size=batch_size, warmup_epochs=warmup_epochs, seed=seed, desc="LAST", progress=progress)
+    side.eval()
+    return [loss / len(lrs) for loss in history]
 
 
 @torch.no_grad()
