@@ -9,12 +9,11 @@ effkern kernel, at ``decode_context`` tokens and batch ``decode_batch``; null el
 from __future__ import annotations
 
 import copy
-import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from effkern.data.text import pydoc_text, token_blocks, wiki_text
+from effkern.methods import write_json
 from effkern.methods.kv_heads.attention import use_effkern_attention
 from effkern.methods.kv_heads.budget import compress_by_budget, layer_sensitivity
 from effkern.methods.kv_heads.calibrate import collect_stats
@@ -87,9 +86,7 @@ def kv_bytes_per_token(model) -> int:
 
 def write_results(all_rows: list[dict], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "results.json.tmp"
-    tmp.write_text(json.dumps(all_rows, indent=1))
-    os.replace(tmp, out / "results.json")
+    write_json(out / "results.json", all_rows)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -167,7 +164,7 @@ def run(cfg: KVCompressConfig) -> list[dict]:
     if cfg.budget_layers:
         rows += budget_rows(cfg, model, stats, calib[: max(1, cfg.sensitivity_tokens // cfg.block_len)], evalb, base)
     write_results(rows, out)
-    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
+    write_json(out / "config.json", asdict(cfg))
     return rows
 
 

@@ -16,7 +16,6 @@ saved after each task and reused when the same config is rerun, so an interrupti
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -24,6 +23,7 @@ import torch
 from torch import nn
 
 from effkern.data.vision import MINI_VTAB_TASKS, load_task
+from effkern.methods import write_json
 from effkern.methods.backbone import load_backbone, normalize
 from effkern.methods.last.baselines import make_baseline, model_accuracy, train_model
 from effkern.methods.last.costs import SideTuningShape, measure_step
@@ -101,12 +101,6 @@ def _baseline_rows(method: str, cfg: LastConfig, vit, task) -> dict:
     return dict(accuracy=model_accuracy(model, task.test_x, task.test_y), val_accuracy=val, lr=lr)
 
 
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
-
-
 def run(cfg: LastConfig) -> list[dict]:
     unknown = set(cfg.methods) - set(METHODS)
     if unknown:
@@ -121,12 +115,12 @@ def run(cfg: LastConfig) -> list[dict]:
     if config_path.exists() and results_path.exists() and json.loads(config_path.read_text()) == json.loads(
             json.dumps(config)):
         done = [r for r in json.loads(results_path.read_text()) if r["task"] != "mean"]
-    _write_json(config_path, config)
+    write_json(config_path, config)
     costs = {}
+    shape = SideTuningShape(batch_size=cfg.batch_size, rank=cfg.rank, heads=cfg.heads, group_size=cfg.group_size,
+                            lora_rank=cfg.lora_rank, backbone=cfg.backbone)
     if cfg.cost_steps:
         for method in cfg.methods:
-            shape = SideTuningShape(batch_size=cfg.batch_size, rank=cfg.rank, heads=cfg.heads,
-                                    group_size=cfg.group_size, lora_rank=cfg.lora_rank, backbone=cfg.backbone)
             row = measure_step(method, shape, steps=cfg.cost_steps)
             costs[method] = {k: row[k] for k in ("trainable_params", "peak_mem_bytes", "step_time_s")}
     vit = load_backbone(cfg.backbone).requires_grad_(False)
@@ -147,14 +141,14 @@ def run(cfg: LastConfig) -> list[dict]:
                              **costs.get(method, dict(trainable_params=None, peak_mem_bytes=None, step_time_s=None))))
             print(f"{method:>13} {name:>14}: test {result['accuracy']:.4f} (val {result['val_accuracy']:.4f}, "
                   f"lr {result['lr']:g})", flush=True)
-        _write_json(results_path, rows)
+        write_json(results_path, rows)
     rows = [r for r in rows if r["method"] in cfg.methods and r["task"] in cfg.tasks]
     for method in cfg.methods:
         mine = [r for r in rows if r["method"] == method]
         rows.append(dict(mine[0], task="mean", group="all", lr=None,
                          accuracy=sum(r["accuracy"] for r in mine) / len(mine),
                          val_accuracy=sum(r["val_accuracy"] for r in mine) / len(mine)))
-    _write_json(results_path, rows)
+    write_json(results_path, rows)
     _print_table(rows, cfg)
     _plot(rows, cfg, out / "accuracy.png")
     return rows
