@@ -11,6 +11,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("kv_append_cpu", &effkern::kv_append_cpu, "KV-cache append with RoPE/projection, C++ CPU kernel");
   m.def("low_rank_attention_fwd_cpu", &effkern::low_rank_attention_fwd_cpu, "low-rank attention core, C++ CPU");
   m.def("low_rank_attention_bwd_cpu", &effkern::low_rank_attention_bwd_cpu, "its backward, C++ CPU");
+  m.def("residual_layer_norm_fwd_cpu", &effkern::residual_layer_norm_fwd_cpu, "residual add + LayerNorm, C++ CPU");
+  m.def("residual_layer_norm_bwd_cpu", &effkern::residual_layer_norm_bwd_cpu, "its backward, C++ CPU");
   m.def("cpu_isa", &effkern::cpu_isa, "the SIMD level the CPU kernels dispatched to on this machine");
 #ifdef EFFKERN_WITH_CUDA
   m.attr("HAS_CUDA") = true;

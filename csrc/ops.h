@@ -33,6 +33,13 @@ std::tuple<at::Tensor, at::Tensor> low_rank_attention_fwd_cpu(const at::Tensor& 
 at::Tensor low_rank_attention_bwd_cpu(const at::Tensor& qkv, const at::Tensor& out, const at::Tensor& lse,
                                       const at::Tensor& dout, int64_t heads, double scale);
 
+// Residual add + LayerNorm (no affine): u contiguous [..., d], z contiguous with u's trailing dims -> (h = u + z,
+// x = LayerNorm(h), rstd fp32 [...]); the backward returns du from x, rstd, dh and dx (all contiguous).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_layer_norm_fwd_cpu(const at::Tensor& u, const at::Tensor& z,
+                                                                           double eps);
+at::Tensor residual_layer_norm_bwd_cpu(const at::Tensor& x, const at::Tensor& rstd, const at::Tensor& dh,
+                                       const at::Tensor& dx);
+
 #ifdef EFFKERN_WITH_CUDA
 at::Tensor gqa_decode_cuda(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                            const at::Tensor& seq_lens, const std::optional<at::Tensor>& kv_start,

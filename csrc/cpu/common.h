@@ -10,4 +10,23 @@ enum class DType : int { f32 = 0, f16 = 1, bf16 = 2 };
 // machine; asking for more than the CPU has is an error, not a crash). Defined in isa.cpp.
 int isa_level();
 
+// Declares the same functions in each per-ISA namespace (their definitions: kernels_isa.cpp).
+#define EFFKERN_PER_ISA(...)       \
+  namespace avx512 {               \
+  __VA_ARGS__                      \
+  }                                \
+  namespace avx2 {                 \
+  __VA_ARGS__                      \
+  }                                \
+  namespace generic {              \
+  __VA_ARGS__                      \
+  }
+
+// The variant of a per-ISA function for the level the kernels run at (isa_level()).
+template <typename Fn>
+Fn pick_isa(Fn avx512, Fn avx2, Fn generic) {
+  const int level = isa_level();
+  return level == 512 ? avx512 : level == 256 ? avx2 : generic;
+}
+
 }  // namespace effkern::cpu

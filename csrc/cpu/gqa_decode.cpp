@@ -106,10 +106,8 @@ at::Tensor gqa_decode_cpu(const at::Tensor& q, const at::Tensor& k_cache, const 
     p.part_acc = part_acc.data_ptr<float>(), p.part_ml = part_ml.data_ptr<float>();
   }
 
-  const int level = cpu::isa_level();
-  const cpu::GqaDecodeItemsFn items_fn = level == 512   ? &cpu::avx512::gqa_decode_items
-                                         : level == 256 ? &cpu::avx2::gqa_decode_items
-                                                        : &cpu::generic::gqa_decode_items;
+  const cpu::GqaDecodeItemsFn items_fn =
+      cpu::pick_isa(&cpu::avx512::gqa_decode_items, &cpu::avx2::gqa_decode_items, &cpu::generic::gqa_decode_items);
   // Items differ in cost (ragged lengths), so threads pull them one at a time instead of static chunks.
   const int64_t n_items = pairs * p.splits, scratch_floats = cpu::gqa_decode_scratch_floats(p);
   std::atomic<int64_t> next{0};

@@ -41,14 +41,6 @@ inline int64_t gqa_decode_scratch_floats(const GqaDecodeParams& p) {
   return G * p.Dk + p.D + G * kTile + G * p.Dv + 2 * G;
 }
 
-namespace avx512 {
-void gqa_decode_items(const GqaDecodeParams& p, int64_t begin, int64_t end, float* scratch);
-}
-namespace avx2 {
-void gqa_decode_items(const GqaDecodeParams& p, int64_t begin, int64_t end, float* scratch);
-}
-namespace generic {
-void gqa_decode_items(const GqaDecodeParams& p, int64_t begin, int64_t end, float* scratch);
-}
+EFFKERN_PER_ISA(void gqa_decode_items(const GqaDecodeParams& p, int64_t begin, int64_t end, float* scratch);)
 
 }  // namespace effkern::cpu

@@ -225,11 +225,7 @@ void run_items(const GqaDecodeParams& p, int64_t begin, int64_t end, float* scra
 }
 
 void gqa_decode_items(const GqaDecodeParams& p, int64_t begin, int64_t end, float* scratch) {
-  switch (p.dtype) {
-    case DType::f32: run_items<DType::f32>(p, begin, end, scratch); break;
-    case DType::f16: run_items<DType::f16>(p, begin, end, scratch); break;
-    case DType::bf16: run_items<DType::bf16>(p, begin, end, scratch); break;
-  }
+  with_dtype(p.dtype, [&](auto dt) { run_items<dt.value>(p, begin, end, scratch); });
 }
 
 }  // namespace effkern::cpu::EFFKERN_ISA

@@ -12,6 +12,7 @@
 
 #include "gqa_decode.h"
 #include "low_rank_attention.h"
+#include "residual_layer_norm.h"
 #include "rope.h"
 
 #pragma GCC push_options
@@ -21,6 +22,7 @@
 #include "simd.h"
 #include "gqa_decode_kernel.h"
 #include "low_rank_attention_kernel.h"
+#include "residual_layer_norm_kernel.h"
 #undef EFFKERN_ISA
 #undef EFFKERN_ISA_LEVEL
 #pragma GCC pop_options
@@ -32,6 +34,7 @@
 #include "simd.h"
 #include "gqa_decode_kernel.h"
 #include "low_rank_attention_kernel.h"
+#include "residual_layer_norm_kernel.h"
 #undef EFFKERN_ISA
 #undef EFFKERN_ISA_LEVEL
 #pragma GCC pop_options
@@ -41,3 +44,4 @@
 #include "simd.h"
 #include "gqa_decode_kernel.h"
 #include "low_rank_attention_kernel.h"
+#include "residual_layer_norm_kernel.h"

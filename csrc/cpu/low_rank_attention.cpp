@@ -25,15 +25,11 @@ cpu::LowRankAttnParams make_params(const at::Tensor& qkv, int64_t heads, double 
 }
 
 void run_items(const cpu::LowRankAttnParams& p, bool backward) {
-  const int level = cpu::isa_level();
-  cpu::LowRankAttnItemsFn fn;
-  if (backward) {
-    fn = level == 512 ? &cpu::avx512::low_rank_attn_bwd_items
-         : level == 256 ? &cpu::avx2::low_rank_attn_bwd_items : &cpu::generic::low_rank_attn_bwd_items;
-  } else {
-    fn = level == 512 ? &cpu::avx512::low_rank_attn_fwd_items
-         : level == 256 ? &cpu::avx2::low_rank_attn_fwd_items : &cpu::generic::low_rank_attn_fwd_items;
-  }
+  const cpu::LowRankAttnItemsFn fn =
+      backward ? cpu::pick_isa(&cpu::avx512::low_rank_attn_bwd_items, &cpu::avx2::low_rank_attn_bwd_items,
+                               &cpu::generic::low_rank_attn_bwd_items)
+               : cpu::pick_isa(&cpu::avx512::low_rank_attn_fwd_items, &cpu::avx2::low_rank_attn_fwd_items,
+                               &cpu::generic::low_rank_attn_fwd_items);
   const int64_t scratch = backward ? cpu::low_rank_attn_bwd_scratch(p) : cpu::low_rank_attn_fwd_scratch(p);
   at::parallel_for(0, p.K * p.B * p.H, 1, [&](int64_t begin, int64_t end) {
     const cpu::FlushDenormals ftz;

@@ -24,26 +24,22 @@ struct LowRankAttnParams {
 // Keys padded to a multiple of 16 (every vector width), so the kernels' key loops have no tails.
 inline int64_t low_rank_attn_padded(int64_t n) { return (n + 15) / 16 * 16; }
 
+// Query rows the kernels process together: their loads of keys, values and key/value gradients are shared.
+constexpr int kLowRankAttnRows = 4;
+
 // Scratch floats per thread for the forward and the backward work items.
 inline int64_t low_rank_attn_fwd_scratch(const LowRankAttnParams& p) {
   const int64_t np = low_rank_attn_padded(p.N);
-  return p.N * p.dh + 2 * p.dh * np + 4 * np + p.dh;
+  return p.N * p.dh + 2 * p.dh * np + kLowRankAttnRows * (np + p.dh);
 }
 inline int64_t low_rank_attn_bwd_scratch(const LowRankAttnParams& p) {
   const int64_t np = low_rank_attn_padded(p.N);
-  return p.N * p.dh + 4 * p.dh * np + np + 2 * p.dh;
+  return p.N * p.dh + 4 * p.dh * np + kLowRankAttnRows * (np + 2 * p.dh);
 }
 
 using LowRankAttnItemsFn = void (*)(const LowRankAttnParams&, int64_t begin, int64_t end, float* scratch);
 
-#define EFFKERN_DECLARE_LOW_RANK_ATTN(isa)                                                           \
-  namespace isa {                                                                                    \
-  void low_rank_attn_fwd_items(const LowRankAttnParams& p, int64_t begin, int64_t end, float* scratch); \
-  void low_rank_attn_bwd_items(const LowRankAttnParams& p, int64_t begin, int64_t end, float* scratch); \
-  }
-EFFKERN_DECLARE_LOW_RANK_ATTN(avx512)
-EFFKERN_DECLARE_LOW_RANK_ATTN(avx2)
-EFFKERN_DECLARE_LOW_RANK_ATTN(generic)
-#undef EFFKERN_DECLARE_LOW_RANK_ATTN
+EFFKERN_PER_ISA(void low_rank_attn_fwd_items(const LowRankAttnParams& p, int64_t begin, int64_t end, float* scratch);
+                void low_rank_attn_bwd_items(const LowRankAttnParams& p, int64_t begin, int64_t end, float* scratch);)
 
 }  // namespace effkern::cpu

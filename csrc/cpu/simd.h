@@ -60,10 +60,25 @@ struct Vec {
     return {_mm512_cvtph_ps(h)};
   }
   void store(float* p) const { _mm512_storeu_ps(p, v); }
+  // Round to fp16 / bf16 (nearest even; a NaN stays a quiet NaN) and store 16 values.
+  void store(uint16_t* p, bool bf16) const {
+    __m256i h;
+    if (bf16) {
+      const __m512i u = _mm512_castps_si512(v), hi = _mm512_srli_epi32(u, 16);
+      const __m512i bias = _mm512_add_epi32(_mm512_and_si512(hi, _mm512_set1_epi32(1)), _mm512_set1_epi32(0x7fff));
+      const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(u, bias), 16);
+      const __m512i quiet = _mm512_or_si512(hi, _mm512_set1_epi32(0x40));
+      h = _mm512_cvtepi32_epi16(_mm512_mask_blend_epi32(_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), rounded, quiet));
+    } else {
+      h = _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    }
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), h);
+  }
   static Vec fma(Vec a, Vec b, Vec c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
   static Vec max(Vec a, Vec b) { return {_mm512_max_ps(a.v, b.v)}; }
   static Vec min(Vec a, Vec b) { return {_mm512_min_ps(a.v, b.v)}; }
   float sum() const { return _mm512_reduce_add_ps(v); }
+  float hmax() const { return _mm512_reduce_max_ps(v); }
   // out[i] = sum of v[i] for 8 vectors: fold each to 256 bits, then one shared hadd tree (far fewer shuffles
   // than 8 separate reductions).
   static void sum8(const Vec* v, float* out) {
@@ -93,6 +108,21 @@ struct Vec {
     return {_mm256_cvtph_ps(h)};
   }
   void store(float* p) const { _mm256_storeu_ps(p, v); }
+  void store(uint16_t* p, bool bf16) const {
+    __m128i h;
+    if (bf16) {
+      const __m256i u = _mm256_castps_si256(v), hi = _mm256_srli_epi32(u, 16);
+      const __m256i bias = _mm256_add_epi32(_mm256_and_si256(hi, _mm256_set1_epi32(1)), _mm256_set1_epi32(0x7fff));
+      __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(u, bias), 16);
+      const __m256i quiet = _mm256_or_si256(hi, _mm256_set1_epi32(0x40));
+      rounded = _mm256_blendv_epi8(rounded, quiet, _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+      // values are < 2^16, so the unsigned-saturating pack is exact
+      h = _mm_packus_epi32(_mm256_castsi256_si128(rounded), _mm256_extracti128_si256(rounded, 1));
+    } else {
+      h = _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT);
+    }
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), h);
+  }
   static Vec fma(Vec a, Vec b, Vec c) { return {_mm256_fmadd_ps(a.v, b.v, c.v)}; }
   static Vec max(Vec a, Vec b) { return {_mm256_max_ps(a.v, b.v)}; }
   static Vec min(Vec a, Vec b) { return {_mm256_min_ps(a.v, b.v)}; }
@@ -106,6 +136,12 @@ struct Vec {
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
+  }
+  float hmax() const {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    m = _mm_max_ss(m, _mm_movehdup_ps(m));
+    return _mm_cvtss_f32(m);
   }
   static Vec round(Vec a) { return {_mm256_round_ps(a.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)}; }
   static Vec exp2i(Vec n) {
@@ -125,10 +161,12 @@ struct Vec {
   static Vec load(const float* p) { return {*p}; }
   static Vec load(const uint16_t* p, bool bf16) { return {half_bits_to_float(*p, bf16)}; }
   void store(float* p) const { *p = v; }
+  void store(uint16_t* p, bool bf16) const { *p = float_to_half_bits(v, bf16); }
   static Vec fma(Vec a, Vec b, Vec c) { return {a.v * b.v + c.v}; }
   static Vec max(Vec a, Vec b) { return {a.v > b.v ? a.v : b.v}; }
   static Vec min(Vec a, Vec b) { return {a.v < b.v ? a.v : b.v}; }
   float sum() const { return v; }
+  float hmax() const { return v; }
   static void sum8(const Vec* v, float* out) {
     for (int i = 0; i < 8; ++i) out[i] = v[i].v;
   }
@@ -145,6 +183,16 @@ inline Vec operator-(Vec a, Vec b) { return {a.v - b.v}; }
 inline Vec operator*(Vec a, Vec b) { return {a.v * b.v}; }
 #endif
 
+// Calls fn(std::integral_constant<DType, dt>{}) for the run-time dtype: one switch for every kernel's entry point.
+template <typename Fn>
+inline void with_dtype(DType dt, Fn&& fn) {
+  switch (dt) {
+    case DType::f32: fn(std::integral_constant<DType, DType::f32>{}); break;
+    case DType::f16: fn(std::integral_constant<DType, DType::f16>{}); break;
+    case DType::bf16: fn(std::integral_constant<DType, DType::bf16>{}); break;
+  }
+}
+
 // Element access for the kernels' storage types (DType, common.h), converting to and from fp32.
 constexpr int64_t elem_bytes(DType d) { return d == DType::f32 ? 4 : 2; }
 inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
@@ -155,6 +203,15 @@ inline Vec load_vec(const void* base, int64_t i) {
     return Vec::load(static_cast<const float*>(base) + i);
   } else {
     return Vec::load(static_cast<const uint16_t*>(base) + i, DT == DType::bf16);
+  }
+}
+
+template <DType DT>
+inline void store_vec(void* base, int64_t i, Vec v) {
+  if constexpr (DT == DType::f32) {
+    v.store(static_cast<float*>(base) + i);
+  } else {
+    v.store(static_cast<uint16_t*>(base) + i, DT == DType::bf16);
   }
 }
 

@@ -1,6 +1,6 @@
 """Drop-in modules built on ``effkern.ops``."""
 
 from effkern.nn.gqa_decode_attention import GQADecodeAttention
-from effkern.nn.low_rank_attention import LowRankAttention
+from effkern.nn.low_rank_attention import LowRankAttention, LowRankAttentionBlock
 
-__all__ = ["GQADecodeAttention", "LowRankAttention"]
+__all__ = ["GQADecodeAttention", "LowRankAttention", "LowRankAttentionBlock"]

@@ -1,4 +1,5 @@
-"""``LowRankAttention``: LAST's low-rank self-attention (LSA) block core for one or K side networks."""
+"""``LowRankAttention``: LAST's low-rank self-attention (LSA) for one or K side networks, and
+``LowRankAttentionBlock``: the whole LSA block (residual stream, LayerNorm, LSA) around it."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import math
 import torch
 from torch import nn
 
-from effkern.ops import low_rank_attention
+from effkern.ops import low_rank_attention, low_rank_attention_block
 
 
 class LowRankAttention(nn.Module):
@@ -53,3 +54,19 @@ class LowRankAttention(nn.Module):
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, rank={self.rank}, heads={self.heads}, num_networks={self.num_networks}"
+
+
+class LowRankAttentionBlock(LowRankAttention):
+    """LAST's LSA block for K side networks (effkern.ops.low_rank_attention_block): ``forward(u, z)`` with the side
+    streams ``u [K, B, N, d]`` (or ``[B, N, d]`` shared by all K) and the frozen backbone feature ``z [B, N, d]``
+    returns ``h + LSA(LayerNorm(h))`` with ``h = u + z``, ``[K, B, N, d]``. Same parameters as
+    :class:`LowRankAttention`; ``eps`` is the LayerNorm's (no affine)."""
+
+    def __init__(self, dim: int, rank: int, heads: int = 1, num_networks: int = 1, zero_init_out: bool = True,
+                 scale: float | None = None, eps: float = 1e-5, device=None, dtype=None):
+        super().__init__(dim, rank, heads, num_networks, zero_init_out, scale, device, dtype)
+        self.eps = eps
+
+    def forward(self, u: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return low_rank_attention_block(u, z, self.w_qkv, self.w_o, heads=self.heads, scale=self.scale,
+                                        eps=self.eps)

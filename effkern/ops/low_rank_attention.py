@@ -139,6 +139,36 @@ def _backward(ctx, dout, _dlse):
 core_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def check_weights(x: torch.Tensor, w_qkv: torch.Tensor, w_o: torch.Tensor, heads: int,
+                  scale: float | None) -> float:
+    """Checks of the side networks' weights against tokens x ``[..., d]``; returns the logit scale."""
+    d = x.shape[-1]
+    check_tensor("w_qkv", w_qkv, ndim=3, device=x.device, shape=(None, d), dims="[K, d, 3r]")
+    kk, _, three_r = w_qkv.shape
+    check_same_dtype("w_qkv", w_qkv, "x", x)
+    if kk == 0 or three_r == 0 or three_r % 3:
+        raise ValueError(f"w_qkv [K, d, 3r] needs K >= 1 and a last dim 3r > 0 divisible by 3, got "
+                         f"{tuple(w_qkv.shape)}")
+    r = three_r // 3
+    check_tensor("w_o", w_o, ndim=3, device=x.device, shape=(kk, r, d), dims="[K, r, d]")
+    check_same_dtype("w_o", w_o, "x", x)
+    if not isinstance(heads, int) or heads < 1 or r % heads:
+        raise ValueError(f"heads must be a positive divisor of the rank r={r}, got {heads}")
+    return 1.0 / math.sqrt(r // heads) if scale is None else float(scale)
+
+
+def down_projection(x: torch.Tensor, w_qkv: torch.Tensor) -> torch.Tensor:
+    """qkv ``[K, B, N, 3r]`` of x ``[B, N, d]`` (shared: ONE ``[B N, d] x [d, K 3r]`` GEMM for every side network,
+    returned as a strided view) or ``[K, B, N, d]`` (a 3-D GEMM over ``[K, B N, d]``; a 4-D broadcast matmul would
+    run B small GEMMs per network and reduce the weight gradient over B afterwards)."""
+    kk, d, three_r = w_qkv.shape
+    b, n = x.shape[-3:-1]
+    if x.dim() == 3:
+        qkv = (x.reshape(b * n, d) @ w_qkv.permute(1, 0, 2).reshape(d, kk * three_r)).view(b, n, kk, three_r)
+        return qkv.permute(2, 0, 1, 3)
+    return torch.bmm(x.reshape(kk, b * n, d), w_qkv).view(kk, b, n, three_r)
+
+
 def low_rank_attention(
     x: torch.Tensor,
     w_qkv: torch.Tensor,
@@ -147,7 +177,8 @@ def low_rank_attention(
     heads: int = 1,
     scale: float | None = None,
 ) -> torch.Tensor:
-    """Low-rank self-attention of K side networks (LAST's LSA block without its LayerNorm and residual).
+    """Low-rank self-attention of K side networks (LAST's LSA block without its LayerNorm and residual; with
+    them: :func:`effkern.ops.low_rank_attention_block`).
 
     Args:
         x: ``[B, N, d]`` tokens shared by every side network, or ``[K, B, N, d]`` one set per side network.
@@ -162,26 +193,10 @@ def low_rank_attention(
     check_tensor("x", x, dtypes=FLOAT_DTYPES, dims="[B, N, d] or [K, B, N, d]")
     if x.dim() not in (3, 4):
         raise ValueError(f"x must be [B, N, d] or [K, B, N, d], got shape {tuple(x.shape)}")
-    d = x.shape[-1]
-    check_tensor("w_qkv", w_qkv, ndim=3, device=x.device, shape=(None, d), dims="[K, d, 3r]")
-    kk, _, three_r = w_qkv.shape
-    check_same_dtype("w_qkv", w_qkv, "x", x)
-    if kk == 0 or three_r == 0 or three_r % 3:
-        raise ValueError(f"w_qkv [K, d, 3r] needs K >= 1 and a last dim 3r > 0 divisible by 3, got "
-                         f"{tuple(w_qkv.shape)}")
-    r = three_r // 3
-    check_tensor("w_o", w_o, ndim=3, device=x.device, shape=(kk, r), dims="[K, r, d]")
-    check_same_dtype("w_o", w_o, "x", x)
+    scale = check_weights(x, w_qkv, w_o, heads, scale)
+    kk, r, d = w_o.shape
     if x.dim() == 4 and x.shape[0] != kk:
         raise ValueError(f"x [K, B, N, d] must have K={kk} (w_qkv's side networks) in dim 0, got {tuple(x.shape)}")
-    if not isinstance(heads, int) or heads < 1 or r % heads:
-        raise ValueError(f"heads must be a positive divisor of the rank r={r}, got {heads}")
-    scale = 1.0 / math.sqrt(r // heads) if scale is None else float(scale)
-    if x.dim() == 3:  # one GEMM for every side network: [B N, d] x [d, K 3r] -> viewed as [K, B, N, 3r]
-        b, n, _ = x.shape
-        qkv = (x.reshape(b * n, d) @ w_qkv.permute(1, 0, 2).reshape(d, kk * three_r)).view(b, n, kk, three_r)
-        qkv = qkv.permute(2, 0, 1, 3)
-    else:
-        qkv = torch.matmul(x, w_qkv[:, None])
-    out, _ = core_op(qkv, heads, scale)
-    return torch.matmul(out, w_o[:, None])
+    b, n = x.shape[-3:-1]
+    out, _ = core_op(down_projection(x, w_qkv), heads, scale)
+    return torch.bmm(out.reshape(kk, b * n, r), w_o).view(kk, b, n, d)

@@ -32,13 +32,14 @@ arch = int(sys.argv[1])
 from effkern.triton_kernels import gqa_decode as gqa
 from effkern.triton_kernels import kv_append as kv
 from effkern.triton_kernels import low_rank_attention as lra
+from effkern.triton_kernels import residual_layer_norm as rln
 bs, rows = gqa.block_size, gqa.chunk_rows
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DATA_PTRS = {"q_ptr", "k_ptr", "v_ptr", "out_ptr", "k_cache_ptr", "v_cache_ptr", "qkv_ptr", "dout_ptr",
-             "dqkv_ptr"}  # in the model's dtype
+             "dqkv_ptr", "u_ptr", "z_ptr", "h_ptr", "x_ptr", "dh_ptr", "dx_ptr", "du_ptr"}  # in the model's dtype
 INT_PTRS = {"seq_lens_ptr", "kv_start_ptr", "slots_ptr"}
-FLOATS = {"scale", "softcap"}
+FLOATS = {"scale", "softcap", "eps"}
 
 
 def arg_type(name, dtype):
@@ -81,6 +82,11 @@ def variants(dtype):
         c = lra.kernel_constexprs(t, heads, dh, False)
         for fn in (lra._fwd_kernel, lra._bwd_dkdv_kernel, lra._bwd_dq_kernel):
             yield fn, f"h{heads}-dh{dh}", c, True, dict(num_warps=lra.NUM_WARPS)
+    # residual + LayerNorm rows of a ViT-B side stream (d 768)
+    _, meta = rln._grid(4096, 768)
+    launch = dict(num_warps=meta.pop("num_warps"))
+    for fn in (rln._rln_fwd_kernel, rln._rln_bwd_kernel):
+        yield fn, "d768", meta, True, launch
 
 
 def resources(cubin):
@@ -128,7 +134,7 @@ def compiled(tmp_path_factory) -> dict[int, list[dict]]:
 @pytest.mark.parametrize("arch", ARCHS)
 def test_triton_kernels_compile_for_gpu(compiled, arch):
     records = compiled[arch]
-    assert len(records) == len(DTYPES) * 15  # every dtype x variant compiled
+    assert len(records) == len(DTYPES) * 17  # every dtype x variant compiled
     for r in records:
         where = f"{r['kernel']}[{r['variant']}, {r['dtype']}] on sm_{arch}"
         assert r["cubin_bytes"] > 0, where
