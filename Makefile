@@ -45,6 +45,7 @@ bench: install
 	$(PY) bench/gqa_decode.py --json bench-results/gqa_decode.json
 	$(PY) bench/kv_compress.py --json bench-results/kv_compress.json
 	$(PY) bench/low_rank_attention.py --json bench-results/low_rank_attention.json
+	$(PY) bench/residual_layer_norm.py --json bench-results/residual_layer_norm.json
 	$(PY) bench/side_tuning.py --json bench-results/side_tuning.json
 
 lint: install

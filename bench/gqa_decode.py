@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import copy_bandwidth, median_time, run_shapes  # noqa: E402
+from common import copy_bandwidth, keep_freed_memory, median_time, run_shapes  # noqa: E402
 
 from effkern.ops import Rope, gqa_decode  # noqa: E402
 from effkern.ops._backend import usable_backends, use_backend  # noqa: E402
@@ -76,6 +76,7 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", help="write the rows to this path")
     args = p.parse_args(argv)
+    keep_freed_memory()
     device = args.device
     backends = [b for b in usable_backends(torch.device(device)) if b != "reference"]
     if device == "cpu":

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import median_time, run_shapes  # noqa: E402
+from common import keep_freed_memory, median_time, run_shapes  # noqa: E402
 
 from effkern.ops import low_rank_attention  # noqa: E402
 from effkern.ops._backend import usable_backends, use_backend  # noqa: E402
@@ -72,6 +72,7 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", help="write the rows to this path")
     args = p.parse_args(argv)
+    keep_freed_memory()
     backends = [b for b in usable_backends(torch.device(args.device)) if b not in ("reference", "triton")]
     print(f"device {args.device}, threads {torch.get_num_threads()}, effkern backends {backends}")
     if args.quick:

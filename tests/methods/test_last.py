@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_close, requires_ext
+import torch.nn.functional as F
+from helpers import assert_close, assert_close_scaled, requires_ext
 from timm.models.vision_transformer import VisionTransformer
 
 from effkern.methods.last.model import LASTSide, group_features
 from effkern.methods.last.train import StackedAdamW, accuracy, train_side
+from effkern.ops import low_rank_attention
 
 pytestmark = requires_ext
 
@@ -42,6 +44,38 @@ def test_group_features_are_the_backbone_stream(vit):
         assert_close(vit.norm(feats[-1]), vit.forward_features(x))
     with pytest.raises(ValueError, match="group_size must divide the backbone depth 4"):
         group_features(vit, x, 3)
+
+
+def plain_side(side, feats):
+    """PAPERS.md A written out: u_0 = z_0, h_i = u_{i-1} + z_i, u_i = h_i + LSA_i(LN(h_i)); the corrected feature
+    z_m + sum_i LSA_i(.) (or u_m), the final norm on every token, the pool, the K heads."""
+    u, deltas = feats[0], 0
+    for block, z in zip(side.blocks, feats[1:], strict=True):
+        h = u + z
+        delta = low_rank_attention(F.layer_norm(h, h.shape[-1:]), block.w_qkv, block.w_o, heads=block.heads)
+        u, deltas = h + delta, deltas + delta
+    out = side.final_norm(feats[-1] + deltas if side.bias_correction else u)
+    pooled = out[..., 0, :] if side.pool == "cls" else out[..., 1:, :].mean(-2)
+    return torch.baddbmm(side.head_bias[:, None], pooled, side.head_weight)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("pool, bias_correction", [("cls", True), ("mean", True), ("cls", False), ("mean", False)])
+def test_side_network_is_the_papers_side_stream(vit, pool, bias_correction, k):
+    """LASTSide's fused blocks, cls-only final norm and subtractive bias correction compute the plain formulas."""
+    x, y = data(6)
+    feats = group_features(vit, x, 1)
+    side = side_for(vit, feats, k=k, pool=pool, bias_correction=bias_correction)
+    with torch.no_grad():
+        for p in side.parameters():
+            if p.requires_grad:
+                p.normal_(std=0.3)
+    params = [p for p in side.parameters() if p.requires_grad]
+    got, want = side(feats), plain_side(side, feats)
+    assert_close(got, want)
+    for a, b in zip(torch.autograd.grad(got.square().sum(), params), torch.autograd.grad(want.square().sum(), params),
+                    strict=True):
+        assert_close_scaled(a, b)
 
 
 def test_starts_as_the_linear_probe_on_the_final_feature(vit):

@@ -12,7 +12,7 @@ from effkern.data.vision import load_task
 from effkern.methods.backbone import load_backbone
 from effkern.methods.last import flow
 from effkern.methods.last.baselines import make_baseline, model_accuracy, train_model, trainable_parameters
-from effkern.methods.last.costs import SideTuningShape, measure_step
+from effkern.methods.last.costs import SideTuningShape, measure_steps
 
 pytestmark = requires_ext
 
@@ -67,13 +67,12 @@ def test_lora_trains_adapters_and_head_only_and_leaves_the_backbone_alone():
 
 
 def test_cost_rows_count_parameters_and_show_last_lighter_than_lora():
-    last = measure_step("last_cached", SideTuningShape(), steps=2, warmup=1)
-    lora = measure_step("lora", SideTuningShape(), steps=2, warmup=1)
+    last, lora = measure_steps([("last_cached", SideTuningShape()), ("lora", SideTuningShape())], steps=2, warmup=1)
     assert last["trainable_params"] == 6 * BLOCK_PARAMS + HEAD_PARAMS
     assert last["step_time_s"] > 0 and lora["step_time_s"] > 0
     assert 0 < last["peak_mem_bytes"] < lora["peak_mem_bytes"]
     with pytest.raises(ValueError, match="method must be one of"):
-        measure_step("bitfit")
+        measure_steps([("bitfit", SideTuningShape())])
 
 
 @pytest.mark.slow

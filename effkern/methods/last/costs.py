@@ -1,11 +1,18 @@
 """Training cost of one step of each side-tuning method: step time and peak memory at one batch, on the CPU.
 
-Each measurement runs in a fresh Python process (a subprocess, so callers need no ``__main__`` guard), so one
-method's freed memory cannot hide the next one's peak.
-Peak memory = the process's peak resident set (``VmHWM``, reset through ``/proc/self/clear_refs``) during the
-training steps minus its resident set right before them, when the backbone, the trainable model, the batch (and
-for ``last_cached`` its features) already exist: it is what training adds, i.e. activations kept for the backward,
-gradients and optimiser state (Linux only). Step time is the median of the timed steps, after warm-up steps.
+Step time: all requested runs are built in one process and their steps interleaved (one step of each in turn,
+after warm-up steps); a run's time is the median of its steps. A shared VM's speed drifts by tens of percent
+within a minute (measured here), and interleaving makes every run see the same drift, so ratios between runs
+hold. The process's default allocator is used (what a user gets).
+
+Peak memory: what training adds (activations kept for the backward, transient buffers, gradients, optimiser
+state), the CPU counterpart of ``torch.cuda.max_memory_allocated`` growth, measured in a second process started
+with ``MALLOC_MMAP_THRESHOLD_=65536`` (glibc gives every allocation of 64 KiB or more its own mapping and returns it
+when freed): a throwaway copy of the model runs ``MEMORY_STEPS`` steps first (library pages, thread pools and
+BLAS buffers are loaded once per process), then a fresh copy's peak resident set (``VmHWM``, reset through
+``/proc/self/clear_refs``) during ``MEMORY_STEPS`` steps minus its resident set right before them. Without
+these two precautions the resident set also counts memory the allocator keeps after frees and the first step's
+library pages, which no method needs and which outweigh a small side network's tensors. Linux only.
 
 Methods:
 - ``last``: the frozen backbone's forward (no autograd) + the side networks' forward, backward and AdamW step;
@@ -18,11 +25,13 @@ Methods:
 from __future__ import annotations
 
 import json
+import os
 import re
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -81,38 +90,65 @@ def _make_step(method: str, shape: SideTuningShape):
     return lambda: side_step(side, opt, features(), labels), trainable
 
 
-def _measure(method: str, shape: SideTuningShape, steps: int, warmup: int) -> dict:
+MEMORY_STEPS = 3  # the first creates the optimiser state, the later ones run with it
+
+
+def _step_times(runs: list[tuple[str, SideTuningShape]], steps: int, warmup: int) -> list[dict]:
+    built = [_make_step(method, shape) for method, shape in runs]
+    times = [[] for _ in runs]
+    for i in range(warmup + steps):
+        for (step, _), mine in zip(built, times, strict=True):
+            start = time.perf_counter()
+            step()
+            if i >= warmup:
+                mine.append(time.perf_counter() - start)
+    return [dict(trainable_params=trainable, step_time_s=statistics.median(mine))
+            for (_, trainable), mine in zip(built, times, strict=True)]
+
+
+def _peak_memory(method: str, shape: SideTuningShape) -> dict:
     import gc
 
-    step, trainable = _make_step(method, shape)
-    gc.collect()
-    rss = _proc_kib("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-    times = []
-    for i in range(warmup + steps):
-        start = time.perf_counter()
-        step()
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return dict(method=method, **asdict(shape), trainable_params=trainable,
-                peak_mem_bytes=(_proc_kib("VmHWM") - rss) * 1024, step_time_s=statistics.median(times))
+    for _copy in range(2):  # a throwaway copy first, then the measured one
+        step, _ = _make_step(method, shape)
+        gc.collect()
+        rss = _proc_kib("VmRSS")
+        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+        for _ in range(MEMORY_STEPS):
+            step()
+        del step
+    return dict(peak_mem_bytes=(_proc_kib("VmHWM") - rss) * 1024)
 
 
-def measure_step(method: str, shape: SideTuningShape = SideTuningShape(), *, steps: int = 10,
-                 warmup: int = 3) -> dict:
-    """One row: the shape's fields, method, trainable_params (per network), peak_mem_bytes, step_time_s."""
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
-    if steps < 1 or warmup < 0:
-        raise ValueError(f"steps must be >= 1 and warmup >= 0, got {steps} and {warmup}")
-    code = "import json, sys; from effkern.methods.last.costs import _child; _child(sys.argv[1])"
-    request = json.dumps(dict(method=method, shape=asdict(shape), steps=steps, warmup=warmup))
-    proc = subprocess.run([sys.executable, "-c", code, request], capture_output=True, text=True)
+def _run_child(what: str, request: dict, env: dict | None = None):
+    code = "import sys; from effkern.methods.last.costs import _child; _child(sys.argv[1], sys.argv[2])"
+    proc = subprocess.run([sys.executable, "-c", code, what, json.dumps(request)], capture_output=True, text=True,
+                          env=env)
     if proc.returncode != 0:
-        raise RuntimeError(f"measuring {method} failed:\n{proc.stderr[-3000:]}")
+        raise RuntimeError(f"measuring the step {what} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _child(request: str) -> None:
+def measure_steps(runs: Sequence[tuple[str, SideTuningShape]], *, steps: int = 10, warmup: int = 3) -> list[dict]:
+    """One row per ``(method, shape)`` run: the shape's fields, method, trainable_params (per network),
+    peak_mem_bytes, step_time_s (see the module docstring for how each is measured)."""
+    for method, _ in runs:
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    if steps < 1 or warmup < 0:
+        raise ValueError(f"steps must be >= 1 and warmup >= 0, got {steps} and {warmup}")
+    requests = [dict(method=method, shape=asdict(shape)) for method, shape in runs]
+    timed = _run_child("time", dict(runs=requests, steps=steps, warmup=warmup))
+    memory_env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    return [dict(method=method, **asdict(shape), **t, **_run_child("memory", request, env=memory_env))
+            for (method, shape), t, request in zip(runs, timed, requests, strict=True)]
+
+
+def _child(what: str, request: str) -> None:
     args = json.loads(request)
-    print(json.dumps(_measure(args["method"], SideTuningShape(**args["shape"]), args["steps"], args["warmup"])))
+    if what == "time":
+        runs = [(run["method"], SideTuningShape(**run["shape"])) for run in args["runs"]]
+        result = _step_times(runs, args["steps"], args["warmup"])
+    else:
+        result = _peak_memory(args["method"], SideTuningShape(**args["shape"]))
+    print(json.dumps(result))

@@ -26,7 +26,7 @@ from effkern.data.vision import MINI_VTAB_TASKS, load_task
 from effkern.methods import write_json
 from effkern.methods.backbone import load_backbone, normalize
 from effkern.methods.last.baselines import make_baseline, model_accuracy, train_model
-from effkern.methods.last.costs import SideTuningShape, measure_step
+from effkern.methods.last.costs import SideTuningShape, measure_steps
 from effkern.methods.last.model import LASTSide, group_features
 from effkern.methods.last.train import accuracy, train_side
 
@@ -120,9 +120,8 @@ def run(cfg: LastConfig) -> list[dict]:
     shape = SideTuningShape(batch_size=cfg.batch_size, rank=cfg.rank, heads=cfg.heads, group_size=cfg.group_size,
                             lora_rank=cfg.lora_rank, backbone=cfg.backbone)
     if cfg.cost_steps:
-        for method in cfg.methods:
-            row = measure_step(method, shape, steps=cfg.cost_steps)
-            costs[method] = {k: row[k] for k in ("trainable_params", "peak_mem_bytes", "step_time_s")}
+        for row in measure_steps([(method, shape) for method in cfg.methods], steps=cfg.cost_steps):
+            costs[row["method"]] = {k: row[k] for k in ("trainable_params", "peak_mem_bytes", "step_time_s")}
     vit = load_backbone(cfg.backbone).requires_grad_(False)
     rows = list(done)
     for name in cfg.tasks:

@@ -7,8 +7,9 @@ The backbone is frozen in parameters and outputs: :func:`group_features` runs it
 
 Side stream [RECON, switches]: ``u_0 = z_0``; ``h_i = u_{i-1} + z_i``; ``u_i = h_i + LSA_i(LN(h_i))``. The bias
 correction (``bias_correction=True``) returns ``u_m - sum_{i<m} z_i = z_m + sum_i LSA_i(.)``: the frozen final
-feature plus learned deltas; then the backbone's final LayerNorm (frozen), the pool (``"cls"`` or ``"mean"``
-of patch tokens) and a linear head per side network. ``LN`` has no affine parameters: an affine would be folded
+feature plus learned deltas (computed as ``u_m`` minus the running sum of the z's, on the pooled tokens only);
+then the backbone's final LayerNorm (frozen), the pool (``"cls"`` or ``"mean"`` of patch tokens) and a linear
+head per side network. ``LN`` has no affine parameters: an affine would be folded
 into the LSA down-projection anyway, and without it the first block's K networks read the same normalised
 tokens, so their down-projections are one GEMM (effkern.ops.low_rank_attention). ``Wo`` starts at zero, so
 training starts from the linear-probe model on the final feature.
@@ -19,10 +20,9 @@ from __future__ import annotations
 import copy
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from effkern.nn import LowRankAttention
+from effkern.nn import LowRankAttentionBlock
 
 
 @torch.no_grad()
@@ -66,7 +66,7 @@ class LASTSide(nn.Module):
             raise ValueError("pool='cls' needs a cls token (num_prefix_tokens >= 1)")
         self.pool, self.bias_correction, self.num_prefix_tokens = pool, bias_correction, num_prefix_tokens
         self.num_networks = num_networks
-        self.blocks = nn.ModuleList(LowRankAttention(dim, rank, heads=heads, num_networks=num_networks)
+        self.blocks = nn.ModuleList(LowRankAttentionBlock(dim, rank, heads=heads, num_networks=num_networks)
                                     for _ in range(num_blocks))
         self.final_norm = copy.deepcopy(final_norm).requires_grad_(False)
         self.head_weight = nn.Parameter(torch.zeros(num_networks, dim, num_classes))
@@ -77,18 +77,16 @@ class LASTSide(nn.Module):
         if len(feats) != len(self.blocks) + 1:
             raise ValueError(f"expected {len(self.blocks) + 1} features [z_0..z_m], got {len(feats)}")
         dtype = self.head_weight.dtype
-        u = feats[0].to(dtype)
-        deltas = 0
+        feats = [f.to(dtype) for f in feats]
+        u = feats[0]
         for block, z in zip(self.blocks, feats[1:], strict=True):
-            h = u + z.to(dtype)  # [B, N, d] for the first block (shared by all K), then [K, B, N, d]
-            delta = block(F.layer_norm(h, h.shape[-1:]))
-            if delta.dim() == 3:  # one network, shared input: LowRankAttention returned [B, N, d]
-                delta = delta[None]
-            u = h + delta
-            deltas = deltas + delta
-        out = feats[-1].to(dtype) + deltas if self.bias_correction else u
-        out = self.final_norm(out)
-        pooled = out[..., 0, :] if self.pool == "cls" else out[..., self.num_prefix_tokens :, :].mean(-2)
+            u = block(u, z)  # [B, N, d] (z_0, shared by all K) before the first block, then [K, B, N, d]
+        # Only the pooled tokens are normalised and read: the cls row, or the patch rows for the mean.
+        rows = slice(0, 1) if self.pool == "cls" else slice(self.num_prefix_tokens, None)
+        out = u[..., rows, :]
+        if self.bias_correction:  # u_m - sum_{i<m} z_i = z_m + sum_i LSA_i(.): the frozen final feature + deltas
+            out = out - sum(z[:, rows] for z in feats[:-1])
+        pooled = self.final_norm(out).mean(-2)  # the mean of the one cls row is that row
         if pooled.dim() == 2:  # no LSA block (the linear probe): every network reads the same feature
             pooled = pooled.expand(self.num_networks, -1, -1)
         return torch.baddbmm(self.head_bias[:, None], pooled, self.head_weight)
