@@ -13,6 +13,10 @@ PYBIND11_MODULE(_C, m) {
   m.def("low_rank_attention_bwd_cpu", &effkern::low_rank_attention_bwd_cpu, "its backward, C++ CPU");
   m.def("residual_layer_norm_fwd_cpu", &effkern::residual_layer_norm_fwd_cpu, "residual add + LayerNorm, C++ CPU");
   m.def("residual_layer_norm_bwd_cpu", &effkern::residual_layer_norm_bwd_cpu, "its backward, C++ CPU");
+  m.def("low_rank_linear_fwd_cpu", &effkern::low_rank_linear_fwd_cpu, "fused low-rank linear, C++ CPU");
+  m.def("low_rank_linear_bwd_cpu", &effkern::low_rank_linear_bwd_cpu, "its backward, C++ CPU");
+  m.def("low_rank_embedding_fwd_cpu", &effkern::low_rank_embedding_fwd_cpu, "compressed embedding lookup, C++ CPU");
+  m.def("low_rank_embedding_bwd_cpu", &effkern::low_rank_embedding_bwd_cpu, "its backward, C++ CPU");
   m.def("cpu_isa", &effkern::cpu_isa, "the SIMD level the CPU kernels dispatched to on this machine");
 #ifdef EFFKERN_WITH_CUDA
   m.attr("HAS_CUDA") = true;

@@ -40,6 +40,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_layer_norm_fwd_cpu(const
 at::Tensor residual_layer_norm_bwd_cpu(const at::Tensor& x, const at::Tensor& rstd, const at::Tensor& dh,
                                        const at::Tensor& dx);
 
+// Fused low-rank linear y = act(x u^T + b1) v^T + b2 (act 0 none, 1 relu, 2 gelu): x contiguous [M, d_in],
+// u [r, d_in], v [d_out, r], biases [r] / [d_out] or none. The backward recomputes the rank-r hidden layer and
+// returns (dx, du, db1, dv, db2).
+at::Tensor low_rank_linear_fwd_cpu(const at::Tensor& x, const at::Tensor& u, const std::optional<at::Tensor>& b1,
+                                   const at::Tensor& v, const std::optional<at::Tensor>& b2, int64_t act);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> low_rank_linear_bwd_cpu(
+    const at::Tensor& x, const at::Tensor& u, const std::optional<at::Tensor>& b1, const at::Tensor& v,
+    const at::Tensor& g, int64_t act);
+
+// Compressed embedding lookup with reconstruction: ids int [B, F, L] (< 0 = padding), table [V, k] contiguous,
+// offsets int [F], u [F, d, k], mu [F, d] -> out [B, F, d] = u_f (sum or mean of the bag's rows) + c mu_f. The
+// backward returns (dtable, du, dmu) from g [B, F, d].
+at::Tensor low_rank_embedding_fwd_cpu(const at::Tensor& ids, const at::Tensor& table, const at::Tensor& offsets,
+                                      const at::Tensor& u, const at::Tensor& mu, bool mean);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> low_rank_embedding_bwd_cpu(const at::Tensor& ids,
+                                                                          const at::Tensor& table,
+                                                                          const at::Tensor& offsets,
+                                                                          const at::Tensor& u, const at::Tensor& mu,
+                                                                          const at::Tensor& g, bool mean);
+
 #ifdef EFFKERN_WITH_CUDA
 at::Tensor gqa_decode_cuda(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                            const at::Tensor& seq_lens, const std::optional<at::Tensor>& kv_start,

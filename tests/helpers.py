@@ -33,6 +33,18 @@ def assert_close_scaled(actual: torch.Tensor, expected: torch.Tensor) -> None:
     torch.testing.assert_close(actual.float(), expected.float(), atol=tol["atol"] * scale, rtol=tol["rtol"])
 
 
+def check_backend(forward_backward, backend: str, isas=(None,)) -> None:
+    """``forward_backward(backend, isa)`` returns an op's outputs and gradients; for every isa (a C++ SIMD level,
+    None: the default) the backend's must match the reference's in shape, dtype and value."""
+    expected = forward_backward("reference", None)
+    for isa in isas:
+        got = forward_backward(backend, isa)
+        assert len(got) == len(expected)
+        for a, b in zip(got, expected, strict=True):
+            assert a.shape == b.shape and a.dtype == b.dtype
+            assert_close_scaled(a, b)
+
+
 @contextlib.contextmanager
 def env(**values: str | None):
     """Temporarily set (or, with None, unset) environment variables."""

@@ -12,6 +12,8 @@
 
 #include "gqa_decode.h"
 #include "low_rank_attention.h"
+#include "low_rank_embedding.h"
+#include "low_rank_linear.h"
 #include "residual_layer_norm.h"
 #include "rope.h"
 
@@ -22,6 +24,8 @@
 #include "simd.h"
 #include "gqa_decode_kernel.h"
 #include "low_rank_attention_kernel.h"
+#include "low_rank_embedding_kernel.h"
+#include "low_rank_linear_kernel.h"
 #include "residual_layer_norm_kernel.h"
 #undef EFFKERN_ISA
 #undef EFFKERN_ISA_LEVEL
@@ -34,6 +38,8 @@
 #include "simd.h"
 #include "gqa_decode_kernel.h"
 #include "low_rank_attention_kernel.h"
+#include "low_rank_embedding_kernel.h"
+#include "low_rank_linear_kernel.h"
 #include "residual_layer_norm_kernel.h"
 #undef EFFKERN_ISA
 #undef EFFKERN_ISA_LEVEL
@@ -44,4 +50,6 @@
 #include "simd.h"
 #include "gqa_decode_kernel.h"
 #include "low_rank_attention_kernel.h"
+#include "low_rank_embedding_kernel.h"
+#include "low_rank_linear_kernel.h"
 #include "residual_layer_norm_kernel.h"

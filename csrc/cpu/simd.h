@@ -77,6 +77,11 @@ struct Vec {
   static Vec fma(Vec a, Vec b, Vec c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
   static Vec max(Vec a, Vec b) { return {_mm512_max_ps(a.v, b.v)}; }
   static Vec min(Vec a, Vec b) { return {_mm512_min_ps(a.v, b.v)}; }
+  static Vec abs(Vec a) { return {_mm512_abs_ps(a.v)}; }
+  // x > 0 ? a : b, lane by lane
+  static Vec select_pos(Vec x, Vec a, Vec b) {
+    return {_mm512_mask_blend_ps(_mm512_cmp_ps_mask(x.v, _mm512_setzero_ps(), _CMP_GT_OQ), b.v, a.v)};
+  }
   float sum() const { return _mm512_reduce_add_ps(v); }
   float hmax() const { return _mm512_reduce_max_ps(v); }
   // out[i] = sum of v[i] for 8 vectors: fold each to 256 bits, then one shared hadd tree (far fewer shuffles
@@ -95,6 +100,7 @@ struct Vec {
 inline Vec operator+(Vec a, Vec b) { return {_mm512_add_ps(a.v, b.v)}; }
 inline Vec operator-(Vec a, Vec b) { return {_mm512_sub_ps(a.v, b.v)}; }
 inline Vec operator*(Vec a, Vec b) { return {_mm512_mul_ps(a.v, b.v)}; }
+inline Vec operator/(Vec a, Vec b) { return {_mm512_div_ps(a.v, b.v)}; }
 #elif EFFKERN_ISA_LEVEL == 256
 struct Vec {
   static constexpr int W = 8;
@@ -126,6 +132,10 @@ struct Vec {
   static Vec fma(Vec a, Vec b, Vec c) { return {_mm256_fmadd_ps(a.v, b.v, c.v)}; }
   static Vec max(Vec a, Vec b) { return {_mm256_max_ps(a.v, b.v)}; }
   static Vec min(Vec a, Vec b) { return {_mm256_min_ps(a.v, b.v)}; }
+  static Vec abs(Vec a) { return {_mm256_andnot_ps(_mm256_set1_ps(-0.f), a.v)}; }
+  static Vec select_pos(Vec x, Vec a, Vec b) {
+    return {_mm256_blendv_ps(b.v, a.v, _mm256_cmp_ps(x.v, _mm256_setzero_ps(), _CMP_GT_OQ))};
+  }
   static void sum8(const Vec* v, float* out) {
     __m256 h[8];
     for (int i = 0; i < 8; ++i) h[i] = v[i].v;
@@ -151,6 +161,7 @@ struct Vec {
 inline Vec operator+(Vec a, Vec b) { return {_mm256_add_ps(a.v, b.v)}; }
 inline Vec operator-(Vec a, Vec b) { return {_mm256_sub_ps(a.v, b.v)}; }
 inline Vec operator*(Vec a, Vec b) { return {_mm256_mul_ps(a.v, b.v)}; }
+inline Vec operator/(Vec a, Vec b) { return {_mm256_div_ps(a.v, b.v)}; }
 #else
 // Portable fallback for CPUs without AVX2/FMA: one lane, plain C++.
 struct Vec {
@@ -165,6 +176,8 @@ struct Vec {
   static Vec fma(Vec a, Vec b, Vec c) { return {a.v * b.v + c.v}; }
   static Vec max(Vec a, Vec b) { return {a.v > b.v ? a.v : b.v}; }
   static Vec min(Vec a, Vec b) { return {a.v < b.v ? a.v : b.v}; }
+  static Vec abs(Vec a) { return {std::fabs(a.v)}; }
+  static Vec select_pos(Vec x, Vec a, Vec b) { return {x.v > 0.f ? a.v : b.v}; }
   float sum() const { return v; }
   float hmax() const { return v; }
   static void sum8(const Vec* v, float* out) {
@@ -181,6 +194,7 @@ struct Vec {
 inline Vec operator+(Vec a, Vec b) { return {a.v + b.v}; }
 inline Vec operator-(Vec a, Vec b) { return {a.v - b.v}; }
 inline Vec operator*(Vec a, Vec b) { return {a.v * b.v}; }
+inline Vec operator/(Vec a, Vec b) { return {a.v / b.v}; }
 #endif
 
 // Calls fn(std::integral_constant<DType, dt>{}) for the run-time dtype: one switch for every kernel's entry point.

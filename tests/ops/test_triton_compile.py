@@ -32,13 +32,17 @@ arch = int(sys.argv[1])
 from effkern.triton_kernels import gqa_decode as gqa
 from effkern.triton_kernels import kv_append as kv
 from effkern.triton_kernels import low_rank_attention as lra
+from effkern.triton_kernels import low_rank_embedding as lre
+from effkern.triton_kernels import low_rank_linear as lrl
 from effkern.triton_kernels import residual_layer_norm as rln
 bs, rows = gqa.block_size, gqa.chunk_rows
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DATA_PTRS = {"q_ptr", "k_ptr", "v_ptr", "out_ptr", "k_cache_ptr", "v_cache_ptr", "qkv_ptr", "dout_ptr",
-             "dqkv_ptr", "u_ptr", "z_ptr", "h_ptr", "x_ptr", "dh_ptr", "dx_ptr", "du_ptr"}  # in the model's dtype
+             "dqkv_ptr", "u_ptr", "z_ptr", "h_ptr", "x_ptr", "dh_ptr", "dx_ptr", "du_ptr", "b1_ptr", "v_ptr",
+             "b2_ptr", "y_ptr", "g_ptr", "a_ptr", "dt_ptr", "table_ptr", "mu_ptr"}  # in the model's dtype
 INT_PTRS = {"seq_lens_ptr", "kv_start_ptr", "slots_ptr"}
+INT64_PTRS = {"ids_ptr", "off_ptr"}
 FLOATS = {"scale", "softcap", "eps"}
 
 
@@ -47,6 +51,8 @@ def arg_type(name, dtype):
         return "*" + dtype
     if name in INT_PTRS:
         return "*i32"
+    if name in INT64_PTRS:
+        return "*i64"
     if name.endswith("_ptr"):
         return "*fp32"  # RoPE tables, projections, fp32 scratch
     return "fp32" if name in FLOATS else "i32"  # strides and counts
@@ -87,6 +93,17 @@ def variants(dtype):
     launch = dict(num_warps=meta.pop("num_warps"))
     for fn in (rln._rln_fwd_kernel, rln._rln_bwd_kernel):
         yield fn, "d768", meta, True, launch
+    # fused low-rank linear of a CTR MLP (400 -> rank 64 -> 400, ReLU; GELU at rank 20)
+    for rank, act in ((64, 1), (20, 2)):
+        c = lrl.kernel_constexprs(t, rank, act, True, False)
+        yield lrl._lrl_fwd_kernel, f"r{rank}-act{act}", dict(c, HAS_B2=True), True, dict(num_warps=lrl.NUM_WARPS)
+        c = lrl.kernel_constexprs(t, rank, act, True, False, backward=True)
+        yield lrl._lrl_bwd_kernel, f"r{rank}-act{act}", c, True, dict(num_warps=lrl.NUM_WARPS)
+    # compressed embedding lookup: k 4 -> d 16 (bags averaged), k 16 -> d 64
+    for k, d, mean in ((4, 16, True), (16, 64, False)):
+        c = dict(MEAN=mean, BLOCK_B=lre.BLOCK_B, BLOCK_K=k, BLOCK_D=d)
+        for fn in (lre._lre_fwd_kernel, lre._lre_de_kernel):
+            yield fn, f"k{k}-d{d}", c, True, dict(num_warps=lre.NUM_WARPS)
 
 
 def resources(cubin):
@@ -134,7 +151,7 @@ def compiled(tmp_path_factory) -> dict[int, list[dict]]:
 @pytest.mark.parametrize("arch", ARCHS)
 def test_triton_kernels_compile_for_gpu(compiled, arch):
     records = compiled[arch]
-    assert len(records) == len(DTYPES) * 17  # every dtype x variant compiled
+    assert len(records) == len(DTYPES) * 25  # every dtype x variant compiled
     for r in records:
         where = f"{r['kernel']}[{r['variant']}, {r['dtype']}] on sm_{arch}"
         assert r["cubin_bytes"] > 0, where
@@ -142,6 +159,7 @@ def test_triton_kernels_compile_for_gpu(compiled, arch):
         assert r["shared"] <= SHARED_LIMIT[arch], (where, r["shared"])
         if r["aligned"]:
             assert r["STACK"] == 0, f"{where} spills registers: {r}"
-        if r["kernel"] in ("_decode_split_kernel", "_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel") \
+        if r["kernel"] in ("_decode_split_kernel", "_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel",
+                           "_lrl_fwd_kernel", "_lrl_bwd_kernel") \
                 and r["dtype"] != "fp32":
             assert r["mma"], f"{where}: 16-bit caches must reach the tensor cores"

@@ -1,0 +1,97 @@
+// Compressed embedding lookup + reconstruction, CPU host side: checks, packing U^T and mu (fp32, padded), the SIMD
+// level, ATen's thread pool over batch rows and the sum of the per-thread gradients. The arithmetic lives in
+// low_rank_embedding_kernel.h.
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "../ops.h"
+#include "host.h"
+#include "low_rank_embedding.h"
+
+namespace effkern {
+namespace {
+
+struct Packed {
+  at::Tensor ids, offsets, ut, mu;
+};
+
+cpu::LowRankEmbeddingParams make_params(const at::Tensor& ids, const at::Tensor& table, const at::Tensor& offsets,
+                                        const at::Tensor& u, const at::Tensor& mu, bool mean, Packed& keep,
+                                        const char* op) {
+  TORCH_CHECK(ids.dim() == 3, op, ": ids must be [B, F, L]");
+  TORCH_CHECK(table.dim() == 2 && table.is_contiguous(), op, ": table must be a contiguous [V, k] tensor");
+  TORCH_CHECK(u.dim() == 3 && u.size(0) == ids.size(1) && u.size(2) == table.size(1), op, ": u must be [F, d, k]");
+  TORCH_CHECK(mu.dim() == 2 && mu.size(0) == u.size(0) && mu.size(1) == u.size(1), op, ": mu must be [F, d]");
+  TORCH_CHECK(offsets.dim() == 1 && offsets.size(0) == ids.size(1), op, ": offsets must be [F]");
+  cpu::LowRankEmbeddingParams p{};
+  p.B = ids.size(0), p.F = ids.size(1), p.L = ids.size(2), p.V = table.size(0), p.k = table.size(1);
+  p.d = u.size(1), p.dp = (p.d + 15) / 16 * 16;
+  p.mean = mean;
+  p.dtype = cpu::dtype_of(table, op);
+  keep.ids = ids.to(at::kLong).contiguous();
+  keep.offsets = offsets.to(at::kLong).contiguous();
+  const auto f32 = table.options().dtype(at::kFloat);
+  keep.ut = at::zeros({p.F, p.k, p.dp}, f32);
+  keep.ut.narrow(2, 0, p.d).copy_(u.transpose(1, 2));
+  keep.mu = at::zeros({p.F, p.dp}, f32);
+  keep.mu.narrow(1, 0, p.d).copy_(mu);
+  p.ids = keep.ids.data_ptr<int64_t>(), p.offsets = keep.offsets.data_ptr<int64_t>();
+  p.ut = keep.ut.data_ptr<float>(), p.mu = keep.mu.data_ptr<float>();
+  p.table = table.data_ptr();
+  return p;
+}
+
+// Rows per parallel chunk: a few thousand (field, row) pairs.
+int64_t grain(const cpu::LowRankEmbeddingParams& p) { return std::max<int64_t>(1, 4096 / std::max<int64_t>(p.F, 1)); }
+
+}  // namespace
+
+at::Tensor low_rank_embedding_fwd_cpu(const at::Tensor& ids, const at::Tensor& table, const at::Tensor& offsets,
+                                      const at::Tensor& u, const at::Tensor& mu, bool mean) {
+  Packed keep;
+  cpu::LowRankEmbeddingParams p = make_params(ids, table, offsets, u, mu, mean, keep, "low_rank_embedding_fwd_cpu");
+  at::Tensor out = at::empty({p.B, p.F, p.d}, table.options());
+  p.out = out.data_ptr();
+  const auto fn = cpu::pick_isa(&cpu::avx512::low_rank_embedding_fwd_rows, &cpu::avx2::low_rank_embedding_fwd_rows,
+                                &cpu::generic::low_rank_embedding_fwd_rows);
+  at::parallel_for(0, p.B, grain(p), [&](int64_t begin, int64_t end) {
+    std::vector<float> scratch(cpu::low_rank_embedding_scratch(p));
+    fn(p, begin, end, scratch.data());
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> low_rank_embedding_bwd_cpu(const at::Tensor& ids,
+                                                                          const at::Tensor& table,
+                                                                          const at::Tensor& offsets,
+                                                                          const at::Tensor& u, const at::Tensor& mu,
+                                                                          const at::Tensor& g, bool mean) {
+  Packed keep;
+  cpu::LowRankEmbeddingParams p = make_params(ids, table, offsets, u, mu, mean, keep, "low_rank_embedding_bwd_cpu");
+  TORCH_CHECK(g.is_contiguous() && g.dim() == 3 && g.size(0) == p.B && g.size(1) == p.F && g.size(2) == p.d &&
+                  g.scalar_type() == table.scalar_type(),
+              "low_rank_embedding_bwd_cpu: g must be a contiguous [B, F, d] tensor in the table's dtype");
+  const int64_t threads = at::get_num_threads();
+  const auto f32 = table.options().dtype(at::kFloat);
+  at::Tensor dtable = at::zeros({threads, p.V, p.k}, f32), dut = at::zeros({threads, p.F, p.k, p.dp}, f32);
+  at::Tensor dmu = at::zeros({threads, p.F, p.dp}, f32);
+  p.g = g.data_ptr();
+  p.dtable = dtable.data_ptr<float>(), p.dut = dut.data_ptr<float>(), p.dmu = dmu.data_ptr<float>();
+  const auto fn = cpu::pick_isa(&cpu::avx512::low_rank_embedding_bwd_rows, &cpu::avx2::low_rank_embedding_bwd_rows,
+                                &cpu::generic::low_rank_embedding_bwd_rows);
+  at::parallel_for(0, p.B, grain(p), [&](int64_t begin, int64_t end) {
+    const int64_t thread = at::get_thread_num();
+    TORCH_CHECK(thread < threads, "low_rank_embedding_bwd_cpu: thread index out of range");
+    std::vector<float> scratch(cpu::low_rank_embedding_scratch(p));
+    fn(p, begin, end, scratch.data(), thread);
+  });
+  const auto dtype = table.scalar_type();
+  return {dtable.sum(0).to(dtype), dut.sum(0).narrow(2, 0, p.d).transpose(1, 2).to(dtype).contiguous(),
+          dmu.sum(0).narrow(1, 0, p.d).to(dtype).contiguous()};
+}
+
+}  // namespace effkern

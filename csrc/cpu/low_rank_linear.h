@@ -1,0 +1,55 @@
+// Fused low-rank linear y = act(x U^T + b1) V^T + b2 on the CPU: torch-free parameters and per-ISA entry points.
+#pragma once
+
+#include <cstdint>
+
+#include "common.h"
+
+namespace effkern::cpu {
+
+// Rows of x per work item: the kernels' register tiles are 6, 8, 12 or 24 rows tall (by their width), all of
+// which divide it.
+constexpr int kLowRankLinearRows = 24;
+
+// Padded widths: multiples of 16 floats (every vector width), zero-filled by the host.
+inline int64_t low_rank_linear_padded(int64_t n) { return (n + 15) / 16 * 16; }
+
+enum class LowRankAct : int { none = 0, relu = 1, gelu = 2 };
+
+struct LowRankLinearParams {
+  // Weights packed by the host in fp32, zero-padded (rp = padded r, dop = padded d_out, dinp = padded d_in).
+  const float* ut;  // [d_in][rp]    U^T
+  const float* b1;  // [rp]
+  const float* vt;  // [r][dop]      V^T (forward)
+  const float* b2;  // [dop]
+  const float* up;  // [r][dinp]     U (backward: dx = dt U)
+  const float* vp;  // [d_out][rp]   V (backward: da = g V)
+  const void* x;    // [M][d_in] contiguous, in dtype
+  void* y;          // [M][d_out] (forward)
+  const void* g;    // [M][d_out] gradient of y (backward)
+  void* dx;         // [M][d_in] (backward)
+  // Backward weight-gradient accumulators, one slice per thread (summed by the host): dU^T, dV, db1, db2.
+  float* dut;  // [threads][d_in][rp]
+  float* dv;   // [threads][d_out][rp]
+  float* db1;  // [threads][rp]
+  float* db2;  // [threads][dop]
+  int64_t M, d_in, r, d_out, rp, dop, dinp;
+  LowRankAct act;
+  DType dtype;
+};
+
+// Scratch floats per thread.
+inline int64_t low_rank_linear_fwd_scratch(const LowRankLinearParams& p) {
+  return kLowRankLinearRows * (p.d_in + p.rp + 64);
+}
+inline int64_t low_rank_linear_bwd_scratch(const LowRankLinearParams& p) {
+  return kLowRankLinearRows * (p.d_in + p.dop + 3 * p.rp + 64);
+}
+
+// Row tiles [begin, end) (tile t = rows [24 t, 24 t + 24)); the backward accumulates into the `thread`'s slices.
+EFFKERN_PER_ISA(
+    void low_rank_linear_fwd_tiles(const LowRankLinearParams& p, int64_t begin, int64_t end, float* scratch);
+    void low_rank_linear_bwd_tiles(const LowRankLinearParams& p, int64_t begin, int64_t end, float* scratch,
+                                   int64_t thread);)
+
+}  // namespace effkern::cpu

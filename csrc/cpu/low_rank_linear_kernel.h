@@ -1,0 +1,262 @@
+// Fused low-rank linear, compiled once per ISA (see simd.h for the inclusion protocol).
+//
+// Work item = a tile of kLrlRows rows of x. Forward: t = x U^T + b1, bias and activation in registers, act(t)
+// kept in L1 scratch (never in memory), then y = act(t) V^T + b2. Every product is one register-tiled
+// micro-kernel: per k, NV vector loads of a packed weight row, one broadcast per tile row, MR * NV FMAs into
+// kLrlAcc accumulators; the tile's height MR = kLrlAcc / NV grows as its width shrinks (AVX-512: 6 x 4, 8 x 3,
+// 12 x 2, 24 x 1 vectors), so a narrow rank (16: one vector) still does 24 FMAs per weight load.
+// Backward, per tile: recompute t (cheaper than writing it), da = g V, dt = da * act'(t), dx = dt U (written),
+// and accumulate this thread's dV += g^T act(t), dU^T += x^T dt, db1, db2 with a tile of act(t) / dt held in
+// registers while the weight-gradient rows stream through.
+// No include guard: included once per ISA (see kernels_isa.cpp).
+
+namespace effkern::cpu::EFFKERN_ISA {
+
+constexpr int kLrlRows = kLowRankLinearRows;
+constexpr int kLrlAcc = Vec::W >= 16 ? 24 : 12;  // accumulator registers of a micro-tile (of 32 / 16)
+constexpr int kLrlVecs = Vec::W >= 16 ? 4 : 2;   // the widest micro-tile, in vectors
+
+template <int NV>
+constexpr int lrl_rows() {
+  static_assert(kLrlAcc % NV == 0 && kLrlRows % (kLrlAcc / NV) == 0, "micro-tiles must tile the row tile");
+  return kLrlAcc / NV;
+}
+
+// acc[i][j] = sum_k A[i lda + k] * B[k ldb + j W] for MR rows and NV vectors of columns.
+template <int MR, int NV>
+inline void lrl_gemm(const float* A, int64_t lda, const float* B, int64_t ldb, int64_t K, Vec (&acc)[MR][NV]) {
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NV; ++j) acc[i][j] = Vec::zero();
+  for (int64_t k = 0; k < K; ++k) {
+    Vec b[NV];
+    for (int j = 0; j < NV; ++j) b[j] = Vec::load(B + k * ldb + j * Vec::W);
+    for (int i = 0; i < MR; ++i) {
+      const Vec a = Vec::set1(A[i * lda + k]);
+      for (int j = 0; j < NV; ++j) acc[i][j] = Vec::fma(a, b[j], acc[i][j]);
+    }
+  }
+}
+
+// For every column chunk of the padded width n (a multiple of 16) and every micro-tile of the first `rows` rows:
+// acc = A[i0:i0+MR] . B[:, c0:c0+NV W] over K, then epi(i0, c0, acc).
+template <typename Epi>
+inline void lrl_product(const float* A, int64_t lda, const float* B, int64_t ldb, int64_t K, int64_t n,
+                        int64_t rows, Epi&& epi) {
+  auto chunk = [&](int64_t c0, auto nv) {
+    constexpr int NV = decltype(nv)::value, MR = lrl_rows<NV>();
+    for (int64_t i0 = 0; i0 < rows; i0 += MR) {
+      Vec acc[MR][NV];
+      lrl_gemm<MR, NV>(A + i0 * lda, lda, B + c0, ldb, K, acc);
+      epi(i0, c0, acc);
+    }
+  };
+  constexpr int64_t widest = kLrlVecs * Vec::W;
+  int64_t c0 = 0;
+  for (; c0 + widest <= n; c0 += widest) chunk(c0, std::integral_constant<int, kLrlVecs>{});
+  const int64_t nv = (n - c0) / Vec::W;  // the last, narrower chunk
+  if constexpr (kLrlVecs == 4) {
+    if (nv == 3) chunk(c0, std::integral_constant<int, 3>{});
+    if (nv == 2) chunk(c0, std::integral_constant<int, 2>{});
+  }
+  if (nv == 1) chunk(c0, std::integral_constant<int, 1>{});
+}
+
+// Rows [r0, r0 + rows) of a [M][n] matrix as fp32 dst [kLrlRows][ld]; columns n..ld and rows past `rows` are 0.
+template <DType DT>
+inline void lrl_stage(const void* src, int64_t r0, int64_t rows, int64_t n, int64_t ld, float* dst) {
+  for (int i = 0; i < kLrlRows; ++i) {
+    float* row = dst + i * ld;
+    int64_t c = 0;
+    if (i < rows) {
+      for (; c + Vec::W <= n; c += Vec::W) load_vec<DT>(src, (r0 + i) * n + c).store(row + c);
+      for (; c < n; ++c) row[c] = load_scalar<DT>(src, (r0 + i) * n + c);
+    }
+    for (; c < ld; ++c) row[c] = 0.f;
+  }
+}
+
+// x's rows [r0, r0 + kLrlRows) as fp32 rows of stride d_in: read in place when they are fp32 and all exist,
+// else staged (converted, zero rows past the end).
+template <DType DT>
+inline const float* lrl_rows_of_x(const LowRankLinearParams& p, int64_t r0, int64_t rows, float* staging) {
+  if (DT == DType::f32 && rows == kLrlRows) return static_cast<const float*>(p.x) + r0 * p.d_in;
+  lrl_stage<DT>(p.x, r0, rows, p.d_in, p.d_in, staging);
+  return staging;
+}
+
+// Stores acc (+ bias) as rows [r0 + i0, ...) of dst [M][n], columns [c0, c0 + NV W) clipped to n; only rows
+// below `rows` of the tile.
+template <DType DT, int MR, int NV>
+inline void lrl_store(const Vec (&acc)[MR][NV], const float* bias, void* dst, int64_t r0, int64_t i0, int64_t rows,
+                      int64_t c0, int64_t n) {
+  for (int64_t i = 0; i < MR && i0 + i < rows; ++i) {
+    const int64_t at = (r0 + i0 + i) * n;
+    for (int j = 0; j < NV; ++j) {
+      const int64_t c = c0 + j * Vec::W;
+      const Vec v = bias ? acc[i][j] + Vec::load(bias + c) : acc[i][j];
+      if (c + Vec::W <= n) {
+        store_vec<DT>(dst, at + c, v);
+      } else if (c < n) {
+        float tail[Vec::W];
+        v.store(tail);
+        for (int64_t cc = c; cc < n; ++cc) store_scalar<DT>(dst, at + cc, tail[cc - c]);
+      }
+    }
+  }
+}
+
+// 0.5 erfc(z) for z >= 0: Abramowitz & Stegun 7.1.26 (|error| <= 1.5e-7 in erf).
+inline Vec lrl_half_erfc(Vec z) {
+  const Vec s = Vec::set1(1.f) / Vec::fma(Vec::set1(0.3275911f), z, Vec::set1(1.f));
+  Vec poly = Vec::set1(1.061405429f);
+  poly = Vec::fma(poly, s, Vec::set1(-1.453152027f));
+  poly = Vec::fma(poly, s, Vec::set1(1.421413741f));
+  poly = Vec::fma(poly, s, Vec::set1(-0.284496736f));
+  poly = Vec::fma(poly, s, Vec::set1(0.254829592f));
+  return poly * s * exp_nonpositive(Vec::zero() - z * z) * Vec::set1(0.5f);
+}
+
+// Phi(t), the standard normal CDF (exact GELU is t Phi(t), as torch's default F.gelu).
+inline Vec lrl_phi_cdf(Vec t) {
+  const Vec q = lrl_half_erfc(Vec::abs(t) * Vec::set1(0.70710678118654752f));  // Phi(-|t|)
+  return Vec::select_pos(t, Vec::set1(1.f) - q, q);
+}
+
+inline Vec lrl_act(Vec t, LowRankAct act) {
+  switch (act) {
+    case LowRankAct::relu: return Vec::max(t, Vec::zero());
+    case LowRankAct::gelu: return t * lrl_phi_cdf(t);
+    default: return t;
+  }
+}
+
+// d act / dt: relu 1 where t > 0 (0 at 0, as torch); gelu Phi(t) + t phi(t).
+inline Vec lrl_act_grad(Vec t, LowRankAct act) {
+  switch (act) {
+    case LowRankAct::relu: return Vec::select_pos(t, Vec::set1(1.f), Vec::zero());
+    case LowRankAct::gelu: {
+      const Vec pdf = exp_nonpositive(Vec::zero() - t * t * Vec::set1(0.5f)) * Vec::set1(0.3989422804014327f);
+      return Vec::fma(t, pdf, lrl_phi_cdf(t));
+    }
+    default: return Vec::set1(1.f);
+  }
+}
+
+// A[i][c] = act(t) and, when T is given, T[i][c] = t = x U^T + b1 for the tile's rows X (stride d_in).
+inline void lrl_hidden(const LowRankLinearParams& p, const float* X, float* T, float* A) {
+  lrl_product(X, p.d_in, p.ut, p.rp, p.d_in, p.rp, kLrlRows, [&](int64_t i0, int64_t c0, auto& acc) {
+    constexpr int MR = std::extent_v<std::remove_reference_t<decltype(acc)>, 0>;
+    constexpr int NV = std::extent_v<std::remove_reference_t<decltype(acc)>, 1>;
+    for (int i = 0; i < MR; ++i) {
+      for (int j = 0; j < NV; ++j) {
+        const int64_t c = (i0 + i) * p.rp + c0 + j * Vec::W;
+        const Vec t = acc[i][j] + Vec::load(p.b1 + c0 + j * Vec::W);
+        if (T) t.store(T + c);
+        lrl_act(t, p.act).store(A + c);
+      }
+    }
+  });
+}
+
+template <DType DT>
+void lrl_fwd(const LowRankLinearParams& p, int64_t begin, int64_t end, float* scratch) {
+  float* staging = scratch;
+  float* A = staging + kLrlRows * p.d_in;
+  for (int64_t tile = begin; tile < end; ++tile) {
+    const int64_t r0 = tile * kLrlRows, rows = min64(kLrlRows, p.M - r0);
+    lrl_hidden(p, lrl_rows_of_x<DT>(p, r0, rows, staging), nullptr, A);
+    lrl_product(A, p.rp, p.vt, p.dop, p.r, p.dop, rows, [&](int64_t i0, int64_t o0, auto& acc) {
+      lrl_store<DT>(acc, p.b2, p.y, r0, i0, rows, o0, p.d_out);
+    });
+  }
+}
+
+// W[k][c0 + j W] += sum_i S[i ls + k] * R[i][j] for k < K: a rank-MR update of K rows of a weight gradient, with
+// the tile R (MR x NV vectors) in registers.
+template <int MR, int NV>
+inline void lrl_accumulate(float* W, int64_t ldw, int64_t c0, const float* S, int64_t ls, int64_t K,
+                           const Vec (&R)[MR][NV]) {
+  for (int64_t k = 0; k < K; ++k) {
+    float* w = W + k * ldw + c0;
+    Vec acc[NV];
+    for (int j = 0; j < NV; ++j) acc[j] = Vec::load(w + j * Vec::W);
+    for (int i = 0; i < MR; ++i) {
+      const Vec s = Vec::set1(S[i * ls + k]);
+      for (int j = 0; j < NV; ++j) acc[j] = Vec::fma(s, R[i][j], acc[j]);
+    }
+    for (int j = 0; j < NV; ++j) acc[j].store(w + j * Vec::W);
+  }
+}
+
+// For every micro-tile (rows i0.., columns c0..) of M [kLrlRows][ld] (the first `rows` rows, padded width n):
+// W[k][c0..] += sum_i S[(i0 + i) ls + k] M[i0 + i][c0..] for k < K.
+inline void lrl_rank_update(float* W, int64_t ldw, const float* S, int64_t ls, int64_t K, const float* M,
+                            int64_t ld, int64_t n, int64_t rows) {
+  auto chunk = [&](int64_t c0, auto nv) {
+    constexpr int NV = decltype(nv)::value, MR = lrl_rows<NV>();
+    for (int64_t i0 = 0; i0 < rows; i0 += MR) {
+      Vec R[MR][NV];
+      for (int i = 0; i < MR; ++i)
+        for (int j = 0; j < NV; ++j) R[i][j] = Vec::load(M + (i0 + i) * ld + c0 + j * Vec::W);
+      lrl_accumulate<MR, NV>(W, ldw, c0, S + i0 * ls, ls, K, R);
+    }
+  };
+  constexpr int64_t widest = kLrlVecs * Vec::W;
+  int64_t c0 = 0;
+  for (; c0 + widest <= n; c0 += widest) chunk(c0, std::integral_constant<int, kLrlVecs>{});
+  const int64_t nv = (n - c0) / Vec::W;
+  if constexpr (kLrlVecs == 4) {
+    if (nv == 3) chunk(c0, std::integral_constant<int, 3>{});
+    if (nv == 2) chunk(c0, std::integral_constant<int, 2>{});
+  }
+  if (nv == 1) chunk(c0, std::integral_constant<int, 1>{});
+}
+
+template <DType DT>
+void lrl_bwd(const LowRankLinearParams& p, int64_t begin, int64_t end, float* scratch, int64_t thread) {
+  float* staging = scratch;
+  float* G = staging + kLrlRows * p.d_in;
+  float* T = G + kLrlRows * p.dop;
+  float* A = T + kLrlRows * p.rp;
+  float* D = A + kLrlRows * p.rp;  // dt
+  float* dut = p.dut + thread * p.d_in * p.rp;
+  float* dv = p.dv + thread * p.d_out * p.rp;
+  float* db1 = p.db1 + thread * p.rp;
+  float* db2 = p.db2 + thread * p.dop;
+  for (int64_t tile = begin; tile < end; ++tile) {
+    const int64_t r0 = tile * kLrlRows, rows = min64(kLrlRows, p.M - r0);
+    const float* X = lrl_rows_of_x<DT>(p, r0, rows, staging);
+    lrl_stage<DT>(p.g, r0, rows, p.d_out, p.dop, G);  // rows past `rows` are zero: they add nothing below
+    lrl_hidden(p, X, T, A);
+    lrl_product(G, p.dop, p.vp, p.rp, p.d_out, p.rp, kLrlRows, [&](int64_t i0, int64_t c0, auto& acc) {
+      constexpr int MR = std::extent_v<std::remove_reference_t<decltype(acc)>, 0>;
+      constexpr int NV = std::extent_v<std::remove_reference_t<decltype(acc)>, 1>;
+      for (int i = 0; i < MR; ++i) {  // dt = (g V) * act'(t)
+        for (int j = 0; j < NV; ++j) {
+          const int64_t c = (i0 + i) * p.rp + c0 + j * Vec::W;
+          (acc[i][j] * lrl_act_grad(Vec::load(T + c), p.act)).store(D + c);
+        }
+      }
+    });
+    lrl_product(D, p.rp, p.up, p.dinp, p.r, p.dinp, rows, [&](int64_t i0, int64_t k0, auto& acc) {  // dx = dt U
+      lrl_store<DT>(acc, nullptr, p.dx, r0, i0, rows, k0, p.d_in);
+    });
+    lrl_rank_update(dv, p.rp, G, p.dop, p.d_out, A, p.rp, p.rp, rows);   // dV += g^T act(t)
+    lrl_rank_update(dut, p.rp, X, p.d_in, p.d_in, D, p.rp, p.rp, rows);  // dU^T += x^T dt
+    for (int64_t i = 0; i < rows; ++i) {
+      for (int64_t c = 0; c < p.rp; c += Vec::W) (Vec::load(db1 + c) + Vec::load(D + i * p.rp + c)).store(db1 + c);
+      for (int64_t c = 0; c < p.dop; c += Vec::W) (Vec::load(db2 + c) + Vec::load(G + i * p.dop + c)).store(db2 + c);
+    }
+  }
+}
+
+void low_rank_linear_fwd_tiles(const LowRankLinearParams& p, int64_t begin, int64_t end, float* scratch) {
+  with_dtype(p.dtype, [&](auto dt) { lrl_fwd<dt.value>(p, begin, end, scratch); });
+}
+
+void low_rank_linear_bwd_tiles(const LowRankLinearParams& p, int64_t begin, int64_t end, float* scratch,
+                               int64_t thread) {
+  with_dtype(p.dtype, [&](auto dt) { lrl_bwd<dt.value>(p, begin, end, scratch, thread); });
+}
+
+}  // namespace effkern::cpu::EFFKERN_ISA

@@ -1,0 +1,179 @@
+"""``effkern.ops.low_rank_embedding``: lookup in compressed per-field embedding tables with the low-rank
+reconstruction applied in the same pass.
+
+CTR low-rank compression (PAPERS.md E) replaces field f's table ``E_f [V_f, d]`` by ``E'_f = (E_f - mu_f) U_f``
+``[V_f, k]`` and reconstructs ``e = U_f e' + mu_f``. All fields' compressed rows live in one table ``[V, k]``
+(field f's ids start at row ``offsets[f]``); a field may be multi-valued (a bag of ids, padded with -1), whose
+rows are summed (or averaged) BEFORE the reconstruction, since ``sum_j (U e'_j + mu) = U sum_j e'_j + n mu``::
+
+    out[b, f] = U_f (sum_j table[offsets[f] + ids[b, f, j]]) + n mu_f       # mode "sum"; "mean" divides by n
+
+Backends (op contract): ``cpu`` = C++ kernel (per row and field: a gather-sum of k-wide rows in fp32, then k
+broadcast-FMAs along d; the backward accumulates the table, U and mu gradients per thread); on CUDA tensors the
+Triton kernels (the forward fused; the backward's per-bag gradient de in a kernel, its scatter into the table
+and the U / mu reductions over the batch as torch ops); the reference everywhere else.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from effkern.ops import _backend
+from effkern.ops._checks import FLOAT_DTYPES, INDEX_DTYPES, bounds_checkable, check_same_dtype, check_tensor
+
+MODES = ("sum", "mean")
+
+
+def _bags(ids, table, offsets, mean: bool):
+    """(rows [B, F, L] table rows, valid [B, F, L], scaled bag sums [B, F, k] fp32, c [B, F], s [B, F])."""
+    valid = ids >= 0
+    rows = offsets.view(1, -1, 1) + ids.clamp_min(0)
+    n = valid.sum(-1).float()
+    esum = (table.float()[rows] * valid[..., None]).sum(2)
+    c = (n > 0).float() if mean else n
+    s = 1 / n.clamp_min(1) if mean else torch.ones_like(n)
+    return rows, valid, esum * s[..., None], c, s
+
+
+def reference(ids, table, offsets, u, mu, mean: bool) -> torch.Tensor:
+    """Ground truth: ``out [B, F, d]`` in the table's dtype."""
+    _, _, e, c, _ = _bags(ids, table, offsets, mean)
+    out = torch.einsum("fdk,bfk->bfd", u.float(), e) + c[..., None] * mu.float()
+    return out.to(table.dtype)
+
+
+def _grads(bags, table, u, mu, g, de):
+    """(dtable, du, dmu) from the bags (:func:`_bags`) and each bag's gradient de [B, F, k] (fp32)."""
+    rows, valid, e, c, _ = bags
+    dtable = torch.zeros(table.shape, dtype=torch.float32, device=table.device)
+    dtable.index_add_(0, rows[valid], de[:, :, None].expand(*rows.shape, de.shape[-1])[valid])
+    gf = g.float()
+    return (dtable.to(table.dtype), torch.einsum("bfd,bfk->fdk", gf, e).to(u.dtype),
+            (c[..., None] * gf).sum(0).to(mu.dtype))
+
+
+def bwd_reference(ids, table, offsets, u, mu, g, mean: bool):
+    """``(dtable, du, dmu)`` from ``g = dL/dout [B, F, d]``: de = s U_f^T g scattered to the bag's rows,
+    dU_f = sum_b g e^T, dmu_f = sum_b c g."""
+    bags = _bags(ids, table, offsets, mean)
+    de = torch.einsum("fdk,bfd->bfk", u.float(), g.float()) * bags[4][..., None]
+    return _grads(bags, table, u, mu, g, de)
+
+
+def _native_fwd(ids, table, offsets, u, mu, mean):
+    return _backend.extension().low_rank_embedding_fwd_cpu(ids, table, offsets, u, mu, mean)
+
+
+def _native_bwd(ids, table, offsets, u, mu, g, mean):
+    return tuple(_backend.extension().low_rank_embedding_bwd_cpu(ids, table, offsets, u, mu, g, mean))
+
+
+def _triton_fwd(*args):
+    from effkern.triton_kernels.low_rank_embedding import low_rank_embedding_fwd_triton
+
+    return low_rank_embedding_fwd_triton(*args)
+
+
+def _triton_bwd(ids, table, offsets, u, mu, g, mean):
+    from effkern.triton_kernels.low_rank_embedding import low_rank_embedding_de_triton
+
+    de = low_rank_embedding_de_triton(ids, u, g, table.shape[1], mean)
+    return _grads(_bags(ids, table, offsets, mean), table, u, mu, g, de)
+
+
+_FWD = {"reference": reference, "cpu": _native_fwd, "triton": _triton_fwd}
+_BWD = {"reference": bwd_reference, "cpu": _native_bwd, "triton": _triton_bwd}
+
+
+def _preferred(t: torch.Tensor) -> list[str]:
+    return ["cpu"] if t.device.type == "cpu" else ["triton"]
+
+
+@torch.library.custom_op("effkern::low_rank_embedding", mutates_args=())
+def fwd_op(ids: torch.Tensor, table: torch.Tensor, offsets: torch.Tensor, u: torch.Tensor, mu: torch.Tensor,
+           mean: bool) -> torch.Tensor:
+    """ids int64 [B, F, L] (-1 = padding), table contiguous [V, k], offsets int64 [F], u [F, d, k], mu [F, d]."""
+    return _backend.run("low_rank_embedding", table.device, _preferred(table), _FWD, ids, table, offsets, u, mu,
+                        mean)
+
+
+@fwd_op.register_fake
+def _(ids, table, offsets, u, mu, mean):
+    return table.new_empty((ids.shape[0], ids.shape[1], u.shape[1]))
+
+
+@torch.library.custom_op("effkern::low_rank_embedding_bwd", mutates_args=())
+def bwd_op(ids: torch.Tensor, table: torch.Tensor, offsets: torch.Tensor, u: torch.Tensor, mu: torch.Tensor,
+           g: torch.Tensor, mean: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dtable, du, dmu) from g = dL/dout (contiguous [B, F, d])."""
+    return _backend.run("low_rank_embedding", table.device, _preferred(table), _BWD, ids, table, offsets, u, mu, g,
+                        mean)
+
+
+@bwd_op.register_fake
+def _(ids, table, offsets, u, mu, g, mean):
+    return torch.empty_like(table), torch.empty_like(u), torch.empty_like(mu)
+
+
+def _setup_context(ctx, inputs, output):
+    ids, table, offsets, u, mu, mean = inputs
+    ctx.save_for_backward(ids, table, offsets, u, mu)
+    ctx.mean = mean
+
+
+def _backward(ctx, g):
+    ids, table, offsets, u, mu = ctx.saved_tensors
+    dtable, du, dmu = bwd_op(ids, table, offsets, u, mu, g.contiguous(), ctx.mean)
+    return None, dtable, None, du, dmu, None
+
+
+fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def low_rank_embedding(ids: torch.Tensor, table: torch.Tensor, offsets: torch.Tensor, u: torch.Tensor,
+                       mu: torch.Tensor, mode: str = "sum") -> torch.Tensor:
+    """Reconstructed embeddings ``[B, F, d]`` of F fields from one compressed table.
+
+    Args:
+        ids: ``[B, F]`` (one id per field) or ``[B, F, L]`` (bags, padded with -1), int32/int64; field f's ids
+            must lie in ``[0, V_f)``, ``V_f = offsets[f + 1] - offsets[f]`` (the last field runs to the table's end).
+        table: ``[V, k]`` compressed rows of every field.
+        offsets: ``[F]`` int, the first table row of each field (``offsets[0] == 0``, non-decreasing).
+        u: ``[F, d, k]`` reconstruction bases; mu: ``[F, d]`` field means.
+        mode: ``"sum"`` or ``"mean"`` over a bag's ids (an empty bag gives zeros).
+
+    Returns:
+        ``[B, F, d]`` in the table's dtype. Differentiable in table, u and mu.
+    """
+    check_tensor("ids", ids, dtypes=INDEX_DTYPES, dims="[B, F] or [B, F, L]")
+    if ids.dim() not in (2, 3):
+        raise ValueError(f"ids must be [B, F] or [B, F, L], got shape {tuple(ids.shape)}")
+    check_tensor("table", table, ndim=2, dtypes=FLOAT_DTYPES, device=ids.device, dims="[V, k]")
+    n_fields = ids.shape[1]
+    check_tensor("offsets", offsets, ndim=1, dtypes=INDEX_DTYPES, device=ids.device, shape=(n_fields,), dims="[F]")
+    check_tensor("u", u, ndim=3, device=ids.device, shape=(n_fields, None, table.shape[1]), dims="[F, d, k]")
+    check_tensor("mu", mu, ndim=2, device=ids.device, shape=(n_fields, u.shape[1]), dims="[F, d]")
+    check_same_dtype("u", u, "table", table)
+    check_same_dtype("mu", mu, "table", table)
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    ids = ids if ids.dim() == 3 else ids[..., None]
+    check_ids(ids, offsets, table.shape[0])
+    return fwd_op(ids.long().contiguous(), table.contiguous(), offsets.long().contiguous(), u, mu, mode == "mean")
+
+
+def check_ids(ids: torch.Tensor, offsets: torch.Tensor, n_rows: int) -> None:
+    """Field f of ids ``[B, F, L]`` must hold ids in ``[0, V_f)`` or -1 (padding), with ``V_f`` from the offsets
+    of a table of ``n_rows`` rows (one host sync; skipped while compiling)."""
+    if not bounds_checkable(ids) or not ids.numel():
+        return
+    offsets = offsets.long()
+    sizes = torch.cat([offsets[1:], offsets.new_tensor([n_rows])]) - offsets
+    if int(offsets[0]) != 0 or bool((sizes < 0).any()):
+        raise ValueError(f"offsets must start at 0 and not decrease up to the table's {n_rows} rows, got "
+                         f"{offsets.tolist()}")
+    bad = (ids < -1) | (ids >= sizes.view(1, -1, 1))
+    if bool(bad.any()):
+        b, f, j = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"ids[{b}, {f}, {j}] = {int(ids[b, f, j])} is outside field {f}'s ids [0, {int(sizes[f])}) "
+                         f"(-1 pads a bag): an id unseen when the table was built?")

@@ -1,0 +1,163 @@
+"""``effkern.ops.low_rank_linear``: a dense layer factorised through rank r, fused: ``y = act(x U^T + b1) V^T + b2``.
+
+The compressed MLP layer of CTR low-rank compression (PAPERS.md E: ``W ~= U_k U_k^T W`` written as two linears,
+``act`` = none for the exact variant, the layer's own activation for ``_act``). ``U: [r, d_in]``, ``V: [d_out, r]``
+(``nn.Linear`` weight layouts), ``act`` in none / relu / gelu (exact, erf-based, as ``F.gelu``).
+
+Fused: the rank-r hidden layer is never written to memory. The C++ CPU kernel runs both products over tiles of 6
+rows of x held in fp32 registers/L1 (its own AVX-512 / AVX2 micro-kernel on weights packed once per call), the
+bias and activation applied in registers between them; its backward recomputes the hidden layer per tile (one
+extra rank-r product instead of storing it) and accumulates the weight gradients per thread. On CUDA tensors the
+Triton kernels run (``tl.dot`` on tensor cores): the forward fully fused, the backward fused up to dx, writing
+only the rank-sized ``act(t)`` and ``dt`` for the two weight-gradient GEMMs.
+Accumulation is fp32.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from effkern.ops import _backend
+from effkern.ops._checks import FLOAT_DTYPES, check_same_dtype, check_tensor
+
+ACTIVATIONS = ("none", "relu", "gelu")  # the kernels' act codes are the indices
+
+
+def _act(t: torch.Tensor, act: int) -> torch.Tensor:
+    return t if act == 0 else F.relu(t) if act == 1 else F.gelu(t)
+
+
+def _act_grad(t: torch.Tensor, act: int) -> torch.Tensor:
+    if act == 0:
+        return torch.ones_like(t)
+    if act == 1:
+        return (t > 0).to(t.dtype)
+    cdf = 0.5 * (1 + torch.erf(t / math.sqrt(2)))
+    return cdf + t * torch.exp(-0.5 * t * t) / math.sqrt(2 * math.pi)
+
+
+def _hidden(x, u, b1, act):
+    t = F.linear(x.float(), u.float(), None if b1 is None else b1.float())
+    return t, _act(t, act)
+
+
+def reference(x, u, b1, v, b2, act: int) -> torch.Tensor:
+    """Ground truth: ``y [M, d_out]`` in x's dtype."""
+    _, a = _hidden(x, u, b1, act)
+    return F.linear(a, v.float(), None if b2 is None else b2.float()).to(x.dtype)
+
+
+def bwd_reference(x, u, b1, v, g, act: int):
+    """``(dx, du, db1, dv, db2)`` in the inputs' dtype: dt = (g V) * act'(t), dx = dt U, dU = dt^T x,
+    dV = g^T act(t), db1 = sum dt, db2 = sum g."""
+    t, a = _hidden(x, u, b1, act)
+    gf = g.float()
+    dt = (gf @ v.float()) * _act_grad(t, act)
+    grads = (dt @ u.float(), dt.t() @ x.float(), dt.sum(0), gf.t() @ a, gf.sum(0))
+    return tuple(t.to(x.dtype) for t in grads)
+
+
+def _native_fwd(x, u, b1, v, b2, act):
+    return _backend.extension().low_rank_linear_fwd_cpu(x, u, b1, v, b2, act)
+
+
+def _native_bwd(x, u, b1, v, g, act):
+    return tuple(_backend.extension().low_rank_linear_bwd_cpu(x, u, b1, v, g, act))
+
+
+def _triton_fwd(*args):
+    from effkern.triton_kernels.low_rank_linear import low_rank_linear_fwd_triton
+
+    return low_rank_linear_fwd_triton(*args)
+
+
+def _triton_bwd(*args):
+    from effkern.triton_kernels.low_rank_linear import low_rank_linear_bwd_triton
+
+    return low_rank_linear_bwd_triton(*args)
+
+
+_FWD = {"reference": reference, "cpu": _native_fwd, "triton": _triton_fwd}
+_BWD = {"reference": bwd_reference, "cpu": _native_bwd, "triton": _triton_bwd}
+
+
+def _preferred(t: torch.Tensor) -> list[str]:
+    return ["cpu"] if t.device.type == "cpu" else ["triton"]
+
+
+@torch.library.custom_op("effkern::low_rank_linear", mutates_args=())
+def fwd_op(x: torch.Tensor, u: torch.Tensor, b1: torch.Tensor | None, v: torch.Tensor, b2: torch.Tensor | None,
+           act: int) -> torch.Tensor:
+    """x contiguous [M, d_in] -> y [M, d_out]."""
+    return _backend.run("low_rank_linear", x.device, _preferred(x), _FWD, x, u, b1, v, b2, act)
+
+
+@fwd_op.register_fake
+def _(x, u, b1, v, b2, act):
+    return x.new_empty((x.shape[0], v.shape[0]))
+
+
+@torch.library.custom_op("effkern::low_rank_linear_bwd", mutates_args=())
+def bwd_op(x: torch.Tensor, u: torch.Tensor, b1: torch.Tensor | None, v: torch.Tensor, g: torch.Tensor,
+           act: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, du, db1, dv, db2) from x, the weights and g = dL/dy (contiguous [M, d_out])."""
+    return _backend.run("low_rank_linear", x.device, _preferred(x), _BWD, x, u, b1, v, g, act)
+
+
+@bwd_op.register_fake
+def _(x, u, b1, v, g, act):
+    return (torch.empty_like(x), torch.empty_like(u), u.new_empty(u.shape[0]), torch.empty_like(v),
+            v.new_empty(v.shape[0]))
+
+
+def _setup_context(ctx, inputs, output):
+    x, u, b1, v, b2, act = inputs
+    ctx.save_for_backward(x, u, b1, v)
+    ctx.act, ctx.has_b2 = act, b2 is not None
+
+
+def _backward(ctx, g):
+    x, u, b1, v = ctx.saved_tensors
+    dx, du, db1, dv, db2 = bwd_op(x, u, b1, v, g.contiguous(), ctx.act)
+    return dx, du, db1 if b1 is not None else None, dv, db2 if ctx.has_b2 else None, None
+
+
+fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def low_rank_linear(x: torch.Tensor, u: torch.Tensor, v: torch.Tensor, b1: torch.Tensor | None = None,
+                    b2: torch.Tensor | None = None, activation: str = "none") -> torch.Tensor:
+    """``act(x u^T + b1) v^T + b2`` with the rank-r hidden layer never in memory.
+
+    Args:
+        x: ``[..., d_in]``.
+        u: ``[r, d_in]`` first factor; v: ``[d_out, r]`` second factor (``nn.Linear`` weight layouts).
+        b1: ``[r]`` or None; b2: ``[d_out]`` or None.
+        activation: ``"none"`` (the exact factorisation), ``"relu"`` or ``"gelu"``, applied to the hidden layer.
+
+    Returns:
+        ``[..., d_out]`` in x's dtype. Differentiable in x, u, v and the biases.
+    """
+    check_tensor("x", x, dtypes=FLOAT_DTYPES, dims="[..., d_in]")
+    if x.dim() == 0:
+        raise ValueError("x must be [..., d_in], got a scalar")
+    d_in = x.shape[-1]
+    check_tensor("u", u, ndim=2, device=x.device, shape=(None, d_in), dims="[r, d_in]")
+    check_same_dtype("u", u, "x", x)
+    r = u.shape[0]
+    check_tensor("v", v, ndim=2, device=x.device, shape=(None, r), dims="[d_out, r]")
+    check_same_dtype("v", v, "x", x)
+    if min(r, d_in, v.shape[0]) == 0:
+        raise ValueError(f"r, d_in and d_out must be >= 1, got u {tuple(u.shape)} and v {tuple(v.shape)}")
+    for name, b, n in (("b1", b1, r), ("b2", b2, v.shape[0])):
+        if b is not None:
+            check_tensor(name, b, ndim=1, device=x.device, shape=(n,), dims=f"[{n}]")
+            check_same_dtype(name, b, "x", x)
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    lead = x.shape[:-1]
+    y = fwd_op(x.reshape(-1, d_in).contiguous(), u, b1, v, b2, ACTIVATIONS.index(activation))
+    return y.view(*lead, v.shape[0])
