@@ -36,6 +36,7 @@ demo: install
 	$(VENV)/bin/effkern info
 	$(VENV)/bin/effkern kv-compress --out runs/kv_heads
 	$(VENV)/bin/effkern last --quick --out runs/last_quick
+	$(VENV)/bin/effkern ctr-compress --quick --out runs/ctr_quick
 	$(PY) bench/gqa_decode.py --quick
 
 test: install
@@ -46,7 +47,9 @@ bench: install
 	$(PY) bench/kv_compress.py --json bench-results/kv_compress.json
 	$(PY) bench/low_rank_attention.py --json bench-results/low_rank_attention.json
 	$(PY) bench/residual_layer_norm.py --json bench-results/residual_layer_norm.json
+	$(PY) bench/low_rank_linear.py --json bench-results/low_rank_linear.json
 	$(PY) bench/side_tuning.py --json bench-results/side_tuning.json
+	$(PY) bench/ctr_compress.py --json bench-results/ctr_compress.json
 
 lint: install
 	$(VENV)/bin/ruff check effkern triton_kernels bench tests setup.py

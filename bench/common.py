@@ -3,11 +3,14 @@ roofline measured in the same run, the printed table and the --json rows."""
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
 import torch
 import torch.utils.benchmark as tb
+
+from effkern.ops._backend import usable_backends
 
 
 def keep_freed_memory() -> None:
@@ -23,6 +26,21 @@ def keep_freed_memory() -> None:
     m_trim_threshold, m_mmap_max = -1, -4  # <malloc.h>
     libc.mallopt(m_mmap_max, 0)
     libc.mallopt(m_trim_threshold, 2**31 - 1)
+
+
+def op_bench_args(doc: str, quick_help: str, argv) -> tuple[argparse.Namespace, list[str]]:
+    """The op microbenchmarks' command line (``--quick``, ``--device``, ``--json``); keeps freed memory
+    (:func:`keep_freed_memory`). Returns the arguments and the native effkern backends to time on the device
+    (Triton only on a GPU: on the CPU it would be its interpreter)."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help=quick_help)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--json", help="write the rows to this path")
+    args = p.parse_args(argv)
+    keep_freed_memory()
+    backends = [b for b in usable_backends(torch.device(args.device))
+                if b != "reference" and not (b == "triton" and args.device == "cpu")]
+    return args, backends
 
 
 def median_time(fn, device: str, min_run_time: float = 0.5) -> float:

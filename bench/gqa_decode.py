@@ -10,7 +10,6 @@ bytes of K and V read per second and its fraction of the copy bandwidth measured
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import sys
 from pathlib import Path
@@ -19,10 +18,10 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import copy_bandwidth, keep_freed_memory, median_time, run_shapes  # noqa: E402
+from common import copy_bandwidth, median_time, op_bench_args, run_shapes  # noqa: E402
 
 from effkern.ops import Rope, gqa_decode  # noqa: E402
-from effkern.ops._backend import usable_backends, use_backend  # noqa: E402
+from effkern.ops._backend import use_backend  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -71,16 +70,8 @@ def bench_shape(b, ctx, hq, hkv, d, dtype_name, device, copy_bw, backends):
 
 
 def main(argv=None) -> list[dict]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="only B=8, ctx 4096, 32q/8kv (the acceptance shape)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--json", help="write the rows to this path")
-    args = p.parse_args(argv)
-    keep_freed_memory()
+    args, backends = op_bench_args(__doc__, "only B=8, ctx 4096, 32q/8kv (the acceptance shape)", argv)
     device = args.device
-    backends = [b for b in usable_backends(torch.device(device)) if b != "reference"]
-    if device == "cpu":
-        backends = [b for b in backends if b != "triton"]  # the interpreter is a correctness tool, not a speed
     copy_bw = copy_bandwidth(device)
     print(f"device {device}, threads {torch.get_num_threads()}, copy bandwidth {copy_bw / 1e9:.1f} GB/s "
           f"(read + write), effkern backends {backends}")

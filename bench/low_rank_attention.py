@@ -12,7 +12,6 @@ both weights) and the attention core's FLOP rate (4 N^2 r multiply-adds forward,
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import math
 import sys
@@ -22,10 +21,10 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import keep_freed_memory, median_time, run_shapes  # noqa: E402
+from common import median_time, op_bench_args, run_shapes  # noqa: E402
 
 from effkern.ops import low_rank_attention  # noqa: E402
-from effkern.ops._backend import usable_backends, use_backend  # noqa: E402
+from effkern.ops._backend import use_backend  # noqa: E402
 
 # the `effkern last` side network on the packaged backbone: batch 32, 8x8 patches + cls, d 128, rank 16 in 2 heads
 TESTBED = (32, 65, 128, 16, 2)
@@ -67,13 +66,7 @@ def bench_shape(kk, b, n, d, r, heads, device, backends):
 
 
 def main(argv=None) -> list[dict]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="only the testbed ViT shape with K = 1 and 8")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--json", help="write the rows to this path")
-    args = p.parse_args(argv)
-    keep_freed_memory()
-    backends = [b for b in usable_backends(torch.device(args.device)) if b not in ("reference", "triton")]
+    args, backends = op_bench_args(__doc__, "only the testbed ViT shape with K = 1 and 8", argv)
     print(f"device {args.device}, threads {torch.get_num_threads()}, effkern backends {backends}")
     if args.quick:
         grid = [(kk, *TESTBED) for kk in (1, 8)]

@@ -9,7 +9,6 @@ copy bandwidth measured in the same run: the op is memory-bound.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -17,10 +16,10 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import copy_bandwidth, keep_freed_memory, median_time, run_shapes  # noqa: E402
+from common import copy_bandwidth, median_time, op_bench_args, run_shapes  # noqa: E402
 
 from effkern.ops import residual_layer_norm  # noqa: E402
-from effkern.ops._backend import usable_backends, use_backend  # noqa: E402
+from effkern.ops._backend import use_backend  # noqa: E402
 
 
 def torch_version(u, z):
@@ -50,14 +49,7 @@ def bench_shape(kk, b, n, d, device, copy_bw, backends):
 
 
 def main(argv=None) -> list[dict]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="only the testbed shape")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--json", help="write the rows to this path")
-    args = p.parse_args(argv)
-    keep_freed_memory()
-    backends = [b for b in usable_backends(torch.device(args.device)) if b != "reference"
-                and not (b == "triton" and args.device == "cpu")]
+    args, backends = op_bench_args(__doc__, "only the testbed shape", argv)
     copy_bw = copy_bandwidth(args.device)
     print(f"device {args.device}, threads {torch.get_num_threads()}, copy bandwidth {copy_bw / 1e9:.1f} GB/s, "
           f"effkern backends {backends}")

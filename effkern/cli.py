@@ -59,6 +59,14 @@ def info() -> dict:
     return out
 
 
+def floats(text: str) -> tuple[float, ...]:
+    return tuple(float(v) for v in text.split(",") if v)
+
+
+def names(text: str, default: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(v for v in text.split(",") if v) or default
+
+
 def _bench(name: str, rest: list[str]) -> None:
     script = Path(__file__).resolve().parent.parent / "bench" / f"{name}.py"
     if not script.exists():
@@ -110,6 +118,17 @@ def main(argv: list[str] | None = None) -> None:
     last.add_argument("--batch-size", type=int, default=32)
     last.add_argument("--out", default="runs/last")
     last.add_argument("--quick", action="store_true", help="3 tasks, 5 epochs")
+    ctr = sub.add_parser("ctr-compress", help="low-rank compression of CTR models (PAPERS.md E)")
+    ctr.add_argument("--datasets", default="", help="comma-separated among movielens,kdd04,adult (default: all)")
+    ctr.add_argument("--models", default="", help="comma-separated among deepfm,dcnv2,autoint (default: all)")
+    ctr.add_argument("--variants", default="", help="comma-separated among exact,act (default: both)")
+    ctr.add_argument("--emb-rank", type=int, default=8, help="compressed embedding width k (0: keep the tables)")
+    ctr.add_argument("--mlp-ranks", default="32,32,32", help="rank per DNN hidden layer (0: keep the layer)")
+    ctr.add_argument("--cross-rank", type=int, default=16, help="rank of DCN-v2's cross layers (0: keep them)")
+    ctr.add_argument("--epochs", type=int, default=10, help="training epochs of the originals (early stopping)")
+    ctr.add_argument("--finetune-epochs", type=int, default=3)
+    ctr.add_argument("--out", default="runs/ctr_lowrank")
+    ctr.add_argument("--quick", action="store_true", help="MovieLens, DeepFM, exact variant, 2 + 1 epochs")
     args, rest = parser.parse_known_args(argv)
     if args.command == "info":
         for key, value in info().items():
@@ -126,12 +145,6 @@ def main(argv: list[str] | None = None) -> None:
         from effkern.methods.last.flow import LastConfig
         from effkern.methods.last.flow import run as run_last
 
-        def floats(text: str) -> tuple[float, ...]:
-            return tuple(float(v) for v in text.split(",") if v)
-
-        def names(text: str, default: tuple[str, ...]) -> tuple[str, ...]:
-            return tuple(v for v in text.split(",") if v) or default
-
         base = LastConfig()
         quick = dict(tasks=("digits", "lfw_face", "rotation"), epochs=5) if args.quick else {}
         run_last(LastConfig(**{**dict(
@@ -140,6 +153,20 @@ def main(argv: list[str] | None = None) -> None:
             rank=args.rank, heads=args.heads, group_size=args.group_size, pool=args.pool,
             bias_correction=not args.no_bias_correction, epochs=args.epochs, batch_size=args.batch_size,
             out=args.out), **quick}))
+    elif args.command == "ctr-compress":
+        if rest:
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        from effkern.methods.ctr_lowrank.flow import CTRCompressConfig
+        from effkern.methods.ctr_lowrank.flow import run as run_ctr
+
+        base = CTRCompressConfig()
+        quick = dict(datasets=("movielens",), models=("deepfm",), variants=("exact",), epochs=2,
+                     finetune_epochs=1) if args.quick else {}
+        run_ctr(CTRCompressConfig(**{**dict(
+            datasets=names(args.datasets, base.datasets), models=names(args.models, base.models),
+            variants=names(args.variants, base.variants), emb_rank=args.emb_rank,
+            mlp_ranks=tuple(int(r) for r in args.mlp_ranks.split(",") if r), cross_rank=args.cross_rank,
+            epochs=args.epochs, finetune_epochs=args.finetune_epochs, out=args.out), **quick}))
     elif args.command == "kv-compress":
         if rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")

@@ -15,7 +15,6 @@ saved after each task and reused when the same config is rerun, so an interrupti
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import torch
 from torch import nn
 
 from effkern.data.vision import MINI_VTAB_TASKS, load_task
-from effkern.methods import write_json
+from effkern.methods import plot_grouped_bars, resume_rows, write_json
 from effkern.methods.backbone import load_backbone, normalize
 from effkern.methods.last.baselines import make_baseline, model_accuracy, train_model
 from effkern.methods.last.costs import SideTuningShape, measure_steps
@@ -110,12 +109,8 @@ def run(cfg: LastConfig) -> list[dict]:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     config = {k: v for k, v in asdict(cfg).items() if k not in ("out", "progress")}
-    config_path, results_path = out / "config.json", out / "results.json"
-    done = []
-    if config_path.exists() and results_path.exists() and json.loads(config_path.read_text()) == json.loads(
-            json.dumps(config)):
-        done = [r for r in json.loads(results_path.read_text()) if r["task"] != "mean"]
-    write_json(config_path, config)
+    results_path = out / "results.json"
+    done = [r for r in resume_rows(out, config) if r["task"] != "mean"]
     costs = {}
     shape = SideTuningShape(batch_size=cfg.batch_size, rank=cfg.rank, heads=cfg.heads, group_size=cfg.group_size,
                             lora_rank=cfg.lora_rank, backbone=cfg.backbone)
@@ -166,21 +161,8 @@ def _print_table(rows: list[dict], cfg: LastConfig) -> None:
 
 
 def _plot(rows: list[dict], cfg: LastConfig, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     tasks = [*cfg.tasks, "mean"]
-    width = 0.8 / len(cfg.methods)
-    fig, ax = plt.subplots(figsize=(1.2 * len(tasks) + 2, 4))
-    for i, method in enumerate(cfg.methods):
-        acc = {r["task"]: 100 * r["accuracy"] for r in rows if r["method"] == method}
-        ax.bar([t + i * width for t in range(len(tasks))], [acc[t] for t in tasks], width, label=method)
-    ax.set_xticks([t + 0.4 - width / 2 for t in range(len(tasks))], tasks, rotation=20)
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title("mini-VTAB-1k: LAST vs baselines (frozen ViT backbone)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    series = {m: [100 * next(r["accuracy"] for r in rows if r["method"] == m and r["task"] == t) for t in tasks]
+              for m in cfg.methods}
+    plot_grouped_bars(path, tasks, series, ylabel="test accuracy (%)",
+                      title="mini-VTAB-1k: LAST vs baselines (frozen ViT backbone)")

@@ -1,0 +1,86 @@
+"""Microbenchmark of effkern.ops.low_rank_linear (``act(x U^T + b1) V^T + b2``) against the unfused torch pair
+``F.linear(act(F.linear(x, U, b1)), V, b2)`` that a compressed model runs without effkern, on the CTR models'
+shapes: the 400-wide DNN layers at ranks 16 / 32 / 64 and the first layers after the embedding fold (MovieLens:
+8 fields x 8 -> 400, KDD-04: 74 x 8 -> 400), at the inference batch 4096 and the training batch 1024.
+
+Rows: median time of the forward (no autograd) and of forward + backward (gradients of x and all weights), the
+speedups over the torch pair, and the forward's FLOP rate as a fraction of this machine's fp32 matmul rate
+(a 2048^3 torch.mm) measured in the same run.
+
+    python bench/low_rank_linear.py [--quick] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import median_time, op_bench_args, run_shapes  # noqa: E402
+
+from effkern.ops import low_rank_linear  # noqa: E402
+from effkern.ops._backend import use_backend  # noqa: E402
+
+ACT = {"none": lambda t: t, "relu": F.relu, "gelu": F.gelu}
+
+
+def matmul_flops(device: str) -> float:
+    a = torch.randn(2048, 2048, device=device)
+    return 2 * 2048**3 / median_time(lambda: a @ a, device)
+
+
+def bench_shape(m, d_in, r, d_out, act, device, peak, backends):
+    torch.manual_seed(0)
+    x = torch.randn(m, d_in, device=device, requires_grad=True)
+    u = (torch.randn(r, d_in, device=device) / d_in**0.5).requires_grad_()
+    v = (torch.randn(d_out, r, device=device) / r**0.5).requires_grad_()
+    b1 = torch.randn(r, device=device, requires_grad=True)
+    b2 = torch.randn(d_out, device=device, requires_grad=True)
+    g = torch.randn(m, d_out, device=device)
+    inputs = (x, u, v, b1, b2)
+
+    def torch_pair():
+        return F.linear(ACT[act](F.linear(x, u, b1)), v, b2)
+
+    def fused(name):
+        def run():
+            with use_backend(name):
+                return low_rank_linear(x, u, v, b1, b2, act)
+        return run
+
+    candidates = {"torch": torch_pair, **{name: fused(name) for name in backends}}
+    rows = []
+    for name, fn in candidates.items():
+        with torch.no_grad():
+            fwd = median_time(fn, device)
+        both = median_time(lambda fn=fn: torch.autograd.grad(fn(), inputs, g), device)
+        rows.append(dict(backend=name, M=m, d_in=d_in, r=r, d_out=d_out, act=act, fwd_ms=fwd * 1e3,
+                         fwd_bwd_ms=both * 1e3, fwd_gflops=2 * m * r * (d_in + d_out) / fwd / 1e9,
+                         frac_of_matmul=2 * m * r * (d_in + d_out) / fwd / peak))
+    base = rows[0]
+    for row in rows:
+        row["fwd_speedup"] = base["fwd_ms"] / row["fwd_ms"]
+        row["fwd_bwd_speedup"] = base["fwd_bwd_ms"] / row["fwd_bwd_ms"]
+    return rows
+
+
+def main(argv=None) -> list[dict]:
+    args, backends = op_bench_args(__doc__, "only the 400-wide layer at rank 32, batch 4096", argv)
+    peak = matmul_flops(args.device)
+    print(f"device {args.device}, threads {torch.get_num_threads()}, fp32 matmul {peak / 1e9:.0f} GFLOP/s, "
+          f"effkern backends {backends}")
+    if args.quick:
+        grid = [(4096, 400, 32, 400, "relu")]
+    else:
+        grid = [(m, 400, r, 400, "relu") for m in (4096, 1024) for r in (16, 32, 64)]
+        grid += [(4096, 64, 32, 400, "none"), (4096, 592, 32, 400, "none")]
+    return run_shapes(grid, lambda *shape: bench_shape(*shape, args.device, peak, backends),
+                      ["backend", "M", "d_in", "r", "d_out", "act", "fwd_ms", "fwd_speedup", "fwd_bwd_ms",
+                       "fwd_bwd_speedup", "fwd_gflops", "frac_of_matmul"], args.json)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""The CTR compression flow (`effkern ctr-compress`): train, compress by output statistics, fine-tune, measure.
+
+Per data set x model: train the original (Adam, early stopping on val AUC; checkpointed, so a rerun reuses it),
+collect its statistics over the train split once, then per variant (``exact``: L1 L2 with nothing between;
+``act``: ReLU between) compress (embedding rank ``emb_rank``, DNN hidden layers ``mlp_ranks``, DCN-v2 cross
+layers ``cross_rank``) and fine-tune ``finetune_epochs``. As a control, the original is fine-tuned with the same
+budget (``original_finetuned``): the compressed models must be judged against the better of the two.
+
+Rows of ``results.json`` (flat): dataset, model, variant (original / original_finetuned / compressed_<v>_init /
+compressed_<v>), auc, logloss (test split), params, throughput_per_s (CPU inference at ``throughput_batch``,
+measured for original and every compressed variant, the latter through effkern's kernels), epochs. Finished
+(dataset, model) rows are kept and reused on a rerun of the same config. Also ``auc.png``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from effkern.data.ctr import DATASETS, load_ctr
+from effkern.methods import plot_grouped_bars, resume_rows, write_json
+from effkern.methods.ctr_lowrank.compress import VARIANTS, collect_stats, compress_model
+from effkern.methods.ctr_lowrank.models import MODELS, count_params, make_model
+from effkern.methods.ctr_lowrank.train import evaluate, throughputs, train_ctr
+
+
+@dataclass
+class CTRCompressConfig:
+    """Defaults: the paper's Criteo model (embedding 16, a 400-400-400 DNN) with ranks chosen on MovieLens and
+    KDD-04 val AUC (this session's sweep, DeepFM): embedding 16 -> 8 (4 lost 0.0008 test AUC on MovieLens before
+    fine-tuning, 8 lost 0.0003), every DNN layer at rank 32 (the first too: with 74 fields it holds most of the
+    parameters), a few CPU minutes per data set and model."""
+
+    datasets: tuple[str, ...] = DATASETS
+    models: tuple[str, ...] = MODELS
+    dim: int = 16
+    hidden: tuple[int, ...] = (400, 400, 400)
+    emb_rank: int = 8  # 0 keeps the embedding tables
+    mlp_ranks: tuple[int, ...] = (32, 32, 32)  # per hidden layer, 0 keeps it
+    cross_rank: int = 16  # DCN-v2 cross layers (0 keeps them)
+    variants: tuple[str, ...] = VARIANTS
+    epochs: int = 10
+    lr: float = 1e-3
+    batch_size: int = 1024
+    patience: int = 2
+    finetune_epochs: int = 3
+    finetune_lr: float = 1e-4
+    throughput_batch: int = 4096
+    seed: int = 0
+    out: str = "runs/ctr_lowrank"
+    progress: bool = True
+
+
+def layer_ranks(cfg: CTRCompressConfig, model_name: str) -> dict[str, int]:
+    """Rank per compressible layer name (effkern.methods.ctr_lowrank.compress.compressible_layers)."""
+    if len(cfg.mlp_ranks) != len(cfg.hidden):
+        raise ValueError(f"mlp_ranks needs one rank per hidden layer {cfg.hidden}, got {cfg.mlp_ranks}")
+    ranks = {f"dnn.{2 * i}": r for i, r in enumerate(cfg.mlp_ranks)}
+    if model_name == "dcnv2":
+        ranks.update({f"cross.{i}": cfg.cross_rank for i in range(3)})
+    return ranks
+
+
+def _original(cfg: CTRCompressConfig, data, name: str, checkpoint: Path):
+    torch.manual_seed(cfg.seed)
+    model = make_model(name, data.vocab_sizes, cfg.dim, cfg.hidden)
+    if checkpoint.exists():
+        model.load_state_dict(load_file(checkpoint))
+        return model, None
+    history = train_ctr(model, data, epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, patience=cfg.patience,
+                        seed=cfg.seed, progress=cfg.progress)
+    checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    tmp = checkpoint.with_name(checkpoint.name + ".tmp")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp)
+    os.replace(tmp, checkpoint)
+    return model, len(history)
+
+
+def _rows(cfg: CTRCompressConfig, dataset: str, model_name: str, out: Path) -> list[dict]:
+    data = load_ctr(dataset, seed=cfg.seed)
+    test = (data.ids["test"], data.labels["test"])
+    model, epochs = _original(cfg, data, model_name, out / "checkpoints" / f"{dataset}-{model_name}.safetensors")
+    rows = [dict(variant="original", **evaluate(model, *test), params=count_params(model), epochs=epochs)]
+    stats = collect_stats(model, data.ids["train"])
+    finetune = dict(epochs=cfg.finetune_epochs, lr=cfg.finetune_lr, batch_size=cfg.batch_size,
+                    patience=cfg.finetune_epochs, seed=cfg.seed, progress=cfg.progress)
+    timed = {"original": model}
+    for variant in cfg.variants:
+        compressed = compress_model(model, stats, emb_rank=cfg.emb_rank, ranks=layer_ranks(cfg, model_name),
+                                    variant=variant)
+        rows.append(dict(variant=f"compressed_{variant}_init", **evaluate(compressed, *test),
+                         params=count_params(compressed), epochs=0))
+        history = train_ctr(compressed, data, **finetune)
+        rows.append(dict(variant=f"compressed_{variant}", **evaluate(compressed, *test),
+                         params=count_params(compressed), epochs=len(history)))
+        timed[f"compressed_{variant}"] = compressed
+    control = make_model(model_name, data.vocab_sizes, cfg.dim, cfg.hidden)
+    control.load_state_dict(model.state_dict())
+    history = train_ctr(control, data, **finetune)
+    rows.append(dict(variant="original_finetuned", **evaluate(control, *test), params=count_params(control),
+                     epochs=len(history)))
+    speed = throughputs(timed, data.ids["test"], cfg.throughput_batch)
+    return [dict(dataset=dataset, model=model_name, **r, throughput_per_s=speed.get(r["variant"])) for r in rows]
+
+
+def run(cfg: CTRCompressConfig) -> list[dict]:
+    for name, values, allowed in (("datasets", cfg.datasets, DATASETS), ("models", cfg.models, MODELS),
+                                  ("variants", cfg.variants, VARIANTS)):
+        unknown = set(values) - set(allowed)
+        if unknown or not values:
+            raise ValueError(f"{name} must be a non-empty subset of {allowed}, got {values}")
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = resume_rows(out, {k: v for k, v in asdict(cfg).items() if k not in ("out", "progress")})
+    results_path = out / "results.json"
+    for dataset in cfg.datasets:
+        for model_name in cfg.models:
+            if any(r["dataset"] == dataset and r["model"] == model_name for r in rows):
+                continue
+            new = _rows(cfg, dataset, model_name, out)
+            rows += new
+            write_json(results_path, rows)
+            _print_rows(new)
+    _plot(rows, out / "auc.png")
+    return rows
+
+
+def _print_rows(rows: list[dict]) -> None:
+    base = next(r for r in rows if r["variant"] == "original")
+    for r in rows:
+        speed = "" if r["throughput_per_s"] is None else (
+            f"  {r['throughput_per_s']:9.0f}/s ({r['throughput_per_s'] / base['throughput_per_s']:.2f}x)")
+        print(f"{r['dataset']:>9} {r['model']:>7} {r['variant']:>24}: AUC {r['auc']:.4f} logloss {r['logloss']:.4f} "
+              f"params {r['params']:>8} ({base['params'] / r['params']:.2f}x fewer){speed}", flush=True)
+
+
+def _plot(rows: list[dict], path: Path) -> None:
+    pairs = sorted({(r["dataset"], r["model"]) for r in rows})
+    variants = [v for v in dict.fromkeys(r["variant"] for r in rows) if not v.endswith("_init")]
+    auc = {(r["dataset"], r["model"], r["variant"]): r["auc"] for r in rows}
+    plot_grouped_bars(path, [f"{d}/{m}" for d, m in pairs], {v: [auc[(*p, v)] for p in pairs] for v in variants},
+                      ylabel="test AUC", title="CTR low-rank compression: original vs compressed (fine-tuned)",
+                      ymin=min(auc[(*p, v)] for p in pairs for v in variants) - 0.01)

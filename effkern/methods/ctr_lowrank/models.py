@@ -1,0 +1,136 @@
+"""CTR models over categorical fields (``ids [B, F, L]``, bags averaged): DeepFM, DCN-v2 and AutoInt+.
+
+Every model has the same two parts the compression (PAPERS.md E) rewrites:
+
+- ``embedding``: all fields' tables in one ``[sum V_f, d]`` table (:class:`FieldEmbedding`), replaced by an
+  :class:`effkern.nn.LowRankEmbedding` (compressed rows + per-field reconstruction).
+- ``dnn``: an MLP on the flattened field embeddings ``[B, F d]`` (Linear + ReLU per hidden layer) and its output
+  layer ``dnn_out``. After compression the DNN reads the compressed ``[B, F k]`` rows directly, the reconstruction
+  folded into its first layer (``dnn_reads_compressed``).
+
+and an interaction part that reads the (reconstructed) ``[B, F, d]`` embeddings: DeepFM's first-order weights and
+FM, DCN-v2's cross network (``x_{l+1} = x_0 * (W_l x_l + b_l) + x_l``, parallel to the DNN, as DCN-v2's "parallel"
+structure), AutoInt's multi-head self-attention over fields (with residual projections, ReLU).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+MODELS = ("deepfm", "dcnv2", "autoint")
+
+
+class FieldEmbedding(nn.Module):
+    """F fields' embedding tables in one ``[sum V_f, dim]`` table; ``forward(ids [B, F] or [B, F, L])`` returns
+    ``[B, F, dim]``, a bag's rows averaged (ids < 0 are padding)."""
+
+    def __init__(self, vocab_sizes: tuple[int, ...], dim: int, std: float = 0.01):
+        super().__init__()
+        self.vocab_sizes, self.dim = tuple(vocab_sizes), dim
+        self.weight = nn.Parameter(torch.randn(sum(vocab_sizes), dim) * std)
+        self.register_buffer("offsets", torch.tensor([0, *vocab_sizes[:-1]]).cumsum(0), persistent=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        ids = ids if ids.dim() == 3 else ids[..., None]
+        valid = ids >= 0
+        rows = self.weight[self.offsets.view(1, -1, 1) + ids.clamp_min(0).long()] * valid[..., None]
+        return rows.sum(2) / valid.sum(-1, keepdim=True).clamp_min(1)
+
+
+def mlp(d_in: int, hidden: tuple[int, ...]) -> nn.Sequential:
+    layers = []
+    for width in hidden:
+        layers += [nn.Linear(d_in, width), nn.ReLU()]
+        d_in = width
+    return nn.Sequential(*layers)
+
+
+class CTRModel(nn.Module):
+    """The shared embedding + DNN; subclasses add ``interaction(ids, e) -> [B]`` logits."""
+
+    def __init__(self, vocab_sizes: tuple[int, ...], dim: int = 16, hidden: tuple[int, ...] = (400, 400, 400)):
+        super().__init__()
+        self.num_fields, self.dim = len(vocab_sizes), dim
+        self.embedding = FieldEmbedding(vocab_sizes, dim)
+        self.dnn = mlp(self.num_fields * dim, hidden)
+        self.dnn_out = nn.Linear(hidden[-1], 1)
+        self.dnn_reads_compressed = False
+
+    def interaction(self, ids: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """Click logits ``[B]``."""
+        e = self.embedding(ids)
+        x = self.embedding.compressed(ids) if self.dnn_reads_compressed else e
+        return self.interaction(ids, e) + self.dnn_out(self.dnn(x.flatten(1)))[:, 0]
+
+
+class DeepFM(CTRModel):
+    """Guo et al. 2017: first-order weights + factorisation machine on the field embeddings + DNN."""
+
+    def __init__(self, vocab_sizes, dim=16, hidden=(400, 400, 400)):
+        super().__init__(vocab_sizes, dim, hidden)
+        self.first_order = FieldEmbedding(vocab_sizes, 1)
+
+    def interaction(self, ids, e):
+        fm = 0.5 * (e.sum(1).square() - e.square().sum(1)).sum(-1)
+        return self.first_order(ids).sum((1, 2)) + fm
+
+
+class DCNv2(CTRModel):
+    """Wang et al. 2021 (parallel): a cross network of full-rank ``cross_layers`` on ``x_0 = [e_1 .. e_F]`` beside
+    the DNN; the logit adds a linear read-out of each."""
+
+    def __init__(self, vocab_sizes, dim=16, hidden=(400, 400, 400), cross_layers: int = 3):
+        super().__init__(vocab_sizes, dim, hidden)
+        width = len(vocab_sizes) * dim
+        self.cross = nn.ModuleList(nn.Linear(width, width) for _ in range(cross_layers))
+        self.cross_out = nn.Linear(width, 1)
+
+    def interaction(self, ids, e):
+        x0 = x = e.flatten(1)
+        for layer in self.cross:
+            x = x0 * layer(x) + x
+        return self.cross_out(x)[:, 0]
+
+
+class AutoInt(CTRModel):
+    """Song et al. 2019 (AutoInt+): ``layers`` of multi-head self-attention over the F field embeddings, each with a
+    residual projection and ReLU, read out linearly; plus the DNN."""
+
+    def __init__(self, vocab_sizes, dim=16, hidden=(400, 400, 400), layers: int = 3, heads: int = 2,
+                 head_dim: int = 16):
+        super().__init__(vocab_sizes, dim, hidden)
+        self.heads, self.head_dim = heads, head_dim
+        width = heads * head_dim
+        self.attention = nn.ModuleList(
+            nn.ModuleDict(dict(q=nn.Linear(d, width, bias=False), k=nn.Linear(d, width, bias=False),
+                               v=nn.Linear(d, width, bias=False), res=nn.Linear(d, width, bias=False)))
+            for d in [dim] + [width] * (layers - 1))
+        self.attention_out = nn.Linear(len(vocab_sizes) * width, 1)
+
+    def interaction(self, ids, e):
+        x = e
+        b, f, _ = x.shape
+        for layer in self.attention:
+            q, k, v = (layer[n](x).view(b, f, self.heads, self.head_dim).transpose(1, 2) for n in "qkv")
+            attended = F.scaled_dot_product_attention(q, k, v, scale=1 / math.sqrt(self.head_dim))
+            x = F.relu(attended.transpose(1, 2).reshape(b, f, -1) + layer["res"](x))
+        return self.attention_out(x.flatten(1))[:, 0]
+
+
+def make_model(name: str, vocab_sizes: tuple[int, ...], dim: int = 16,
+               hidden: tuple[int, ...] = (400, 400, 400)) -> CTRModel:
+    if name not in MODELS:
+        raise ValueError(f"model must be one of {MODELS}, got {name!r}")
+    return {"deepfm": DeepFM, "dcnv2": DCNv2, "autoint": AutoInt}[name](vocab_sizes, dim, hidden)
+
+
+def count_params(model: nn.Module) -> int:
+    """Parameters the model stores (its weights; index buffers are not counted)."""
+    return sum(p.numel() for p in model.parameters())

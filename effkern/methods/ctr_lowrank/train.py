@@ -1,0 +1,99 @@
+"""Training, evaluation (AUC and logloss, scikit-learn) and CPU inference throughput of CTR models."""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import log_loss, roc_auc_score
+from tqdm.auto import tqdm
+
+from effkern.data.ctr import CTRData
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, ids: torch.Tensor, batch_size: int = 10000) -> torch.Tensor:
+    """Click probabilities ``[n]`` (eval mode)."""
+    was_training = model.training
+    model.eval()
+    probs = torch.cat([torch.sigmoid(model(chunk)) for chunk in ids.split(batch_size)])
+    model.train(was_training)
+    return probs
+
+
+def evaluate(model: torch.nn.Module, ids: torch.Tensor, labels: torch.Tensor) -> dict:
+    """``auc`` and ``logloss`` of the model's predictions (scikit-learn)."""
+    p = predict(model, ids).double().numpy()
+    y = labels.numpy()
+    return dict(auc=float(roc_auc_score(y, p)), logloss=float(log_loss(y, np.clip(p, 1e-7, 1 - 1e-7))))
+
+
+def train_ctr(model: torch.nn.Module, data: CTRData, *, epochs: int, lr: float, batch_size: int = 1024,
+              emb_weight_decay: float = 1e-5, patience: int = 1, seed: int = 0, progress: bool = True) -> list[dict]:
+    """Adam on the binary cross-entropy over ``data``'s train split, an L2 penalty ``emb_weight_decay`` on the
+    looked-up embedding rows (as DeepCTR's l2_reg_embedding), val AUC before training and after every epoch; stops
+    after ``patience`` epochs without a better val AUC and restores the best weights seen (the initial ones
+    included: fine-tuning never returns a model worse on val than it started). Returns per-epoch rows (epoch,
+    train_loss, val_auc, val_logloss)."""
+    if epochs < 1 or lr <= 0 or batch_size < 1:
+        raise ValueError(f"epochs and batch_size must be >= 1 and lr > 0, got {epochs}, {batch_size}, {lr}")
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+    ids, labels = data.ids["train"], data.labels["train"]
+    g = torch.Generator().manual_seed(seed)
+    best, best_state = evaluate(model, data.ids["val"], data.labels["val"])["auc"], copy.deepcopy(model.state_dict())
+    history, stale = [], 0
+    bar = tqdm(range(epochs), desc="train", disable=not progress)
+    for epoch in bar:
+        model.train()
+        total = 0.0
+        for idx in torch.randperm(len(labels), generator=g).split(batch_size):
+            logits = model(ids[idx])
+            loss = F.binary_cross_entropy_with_logits(logits, labels[idx])
+            penalty = _embedding_penalty(model, ids[idx]) * emb_weight_decay if emb_weight_decay else 0.0
+            opt.zero_grad(set_to_none=True)
+            (loss + penalty).backward()
+            opt.step()
+            total += loss.item() * len(idx)
+        val = evaluate(model, data.ids["val"], data.labels["val"])
+        history.append(dict(epoch=epoch, train_loss=total / len(labels), val_auc=val["auc"],
+                            val_logloss=val["logloss"]))
+        bar.set_postfix(loss=f"{history[-1]['train_loss']:.4f}", val_auc=f"{val['auc']:.4f}")
+        if val["auc"] > best:
+            best, best_state, stale = val["auc"], copy.deepcopy(model.state_dict()), 0
+        else:
+            stale += 1
+            if stale >= patience:
+                break
+    model.load_state_dict(best_state)
+    return history
+
+
+def _embedding_penalty(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """Mean over the batch of the squared norms of the looked-up embedding rows (compressed rows when compressed)."""
+    emb = model.embedding
+    table = emb.table if hasattr(emb, "table") else emb.weight
+    ids = ids if ids.dim() == 3 else ids[..., None]
+    rows = table[(emb.offsets.view(1, -1, 1) + ids.clamp_min(0).long())[ids >= 0]]
+    return rows.square().sum() / ids.shape[0]
+
+
+@torch.no_grad()
+def throughputs(models: dict[str, torch.nn.Module], ids: torch.Tensor, batch_size: int = 4096,
+                rounds: int = 15) -> dict[str, float]:
+    """Inference samples per second of each model on the CPU at ``batch_size``: the models' batches timed in turn
+    (interleaved, so a drift of the machine's speed hits all alike), median per model, after one warm-up batch."""
+    batch = ids[:batch_size]
+    for model in models.values():
+        model.eval()
+        model(batch)
+    times = {name: [] for name in models}
+    for _ in range(rounds):
+        for name, model in models.items():
+            start = time.perf_counter()
+            model(batch)
+            times[name].append(time.perf_counter() - start)
+    return {name: len(batch) / statistics.median(t) for name, t in times.items()}

