@@ -24,6 +24,10 @@ PYBIND11_MODULE(_C, m) {
   m.def("kv_append_cuda", &effkern::kv_append_cuda, "KV-cache append with RoPE/projection, CUDA kernel");
   m.def("low_rank_attention_fwd_cuda", &effkern::low_rank_attention_fwd_cuda, "low-rank attention core, CUDA");
   m.def("low_rank_attention_bwd_cuda", &effkern::low_rank_attention_bwd_cuda, "its backward, CUDA");
+  m.def("low_rank_linear_fwd_cuda", &effkern::low_rank_linear_fwd_cuda, "fused low-rank linear, CUDA");
+  m.def("low_rank_linear_bwd_cuda", &effkern::low_rank_linear_bwd_cuda, "its backward up to dx, CUDA");
+  m.def("low_rank_embedding_fwd_cuda", &effkern::low_rank_embedding_fwd_cuda, "compressed embedding lookup, CUDA");
+  m.def("low_rank_embedding_de_cuda", &effkern::low_rank_embedding_de_cuda, "its per-bag gradient, CUDA");
 #else
   m.attr("HAS_CUDA") = false;
 #endif

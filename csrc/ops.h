@@ -75,6 +75,19 @@ void kv_append_cuda(at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& k,
 std::tuple<at::Tensor, at::Tensor> low_rank_attention_fwd_cuda(const at::Tensor& qkv, int64_t heads, double scale);
 at::Tensor low_rank_attention_bwd_cuda(const at::Tensor& qkv, const at::Tensor& out, const at::Tensor& lse,
                                        const at::Tensor& dout, int64_t heads, double scale);
+
+// Low-rank linear (rank <= 64): the backward returns (dx, act(t), dt), the weight gradients are GEMMs over them.
+at::Tensor low_rank_linear_fwd_cuda(const at::Tensor& x, const at::Tensor& u, const std::optional<at::Tensor>& b1,
+                                    const at::Tensor& v, const std::optional<at::Tensor>& b2, int64_t act);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> low_rank_linear_bwd_cuda(const at::Tensor& x, const at::Tensor& u,
+                                                                        const std::optional<at::Tensor>& b1,
+                                                                        const at::Tensor& v, const at::Tensor& g,
+                                                                        int64_t act);
+
+// Compressed embedding (k <= 32): the backward kernel returns each bag's gradient de fp32 [B, F, k].
+at::Tensor low_rank_embedding_fwd_cuda(const at::Tensor& ids, const at::Tensor& table, const at::Tensor& offsets,
+                                       const at::Tensor& u, const at::Tensor& mu, bool mean);
+at::Tensor low_rank_embedding_de_cuda(const at::Tensor& ids, const at::Tensor& u, const at::Tensor& g, bool mean);
 #endif
 
 }  // namespace effkern

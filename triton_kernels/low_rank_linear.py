@@ -4,7 +4,7 @@
   ``[BLOCK_M, BLOCK_R]`` register tile (the whole rank), bias + activation in registers, then y = act(t) V^T + b2
   in ``BLOCK_N`` column slices. The hidden layer never reaches memory.
 - ``_lrl_bwd_kernel``, same grid: recomputes t, da = g V (over d_out slices), dt = da * act'(t), dx = dt U (over
-  d_in slices, written), and writes the rank-sized act(t) and dt for the host's two weight-gradient GEMMs
+  d_in slices, written), and writes the rank-sized act(t) and dt for the op's two weight-gradient GEMMs
   (dU = dt^T x, dV = g^T act(t): reductions over all rows, which cuBLAS does better than atomics).
 
 Numerics: fp32 inputs use IEEE fp32 dots; fp16/bf16 use 16-bit dots with fp32 accumulation (the hidden tile
@@ -152,17 +152,15 @@ def low_rank_linear_fwd_triton(x, u, b1, v, b2, act: int) -> torch.Tensor:
 
 
 def low_rank_linear_bwd_triton(x, u, b1, v, g, act: int):
-    """(dx, du, db1, dv, db2): the fused kernel for dx, act(t) and dt; the weight gradients as GEMMs over them."""
+    """(dx, act(t), dt) of the fused backward; the op forms the weight gradients from the last two."""
     m, d_in = x.shape
     rank = u.shape[0]
     u, v = u.contiguous(), v.contiguous()
     dx = torch.empty_like(x)
-    a = torch.empty((m, rank), dtype=x.dtype, device=x.device)
-    dt = torch.empty_like(a)
+    hidden = torch.empty((m, rank), dtype=x.dtype, device=x.device)
+    dt = torch.empty_like(hidden)
     if m:
         c = kernel_constexprs(x.dtype, rank, act, b1 is not None, interpreting(), backward=True)
         _lrl_bwd_kernel[(triton.cdiv(m, c["BLOCK_M"]),)](
-            x, u, _dummy(u, b1), v, g, dx, a, dt, m, d_in, rank, v.shape[0], **c, num_warps=NUM_WARPS)
-    acc = torch.float32
-    return (dx, (dt.t().to(acc) @ x.to(acc)).to(x.dtype), dt.to(acc).sum(0).to(x.dtype),
-            (g.t().to(acc) @ a.to(acc)).to(x.dtype), g.to(acc).sum(0).to(x.dtype))
+            x, u, _dummy(u, b1), v, g, dx, hidden, dt, m, d_in, rank, v.shape[0], **c, num_warps=NUM_WARPS)
+    return dx, hidden, dt

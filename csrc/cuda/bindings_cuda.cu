@@ -1,9 +1,11 @@
-// Thin torch glue for the torch-free CUDA launchers (gqa_decode.cuh, kv_append.cuh, low_rank_attention.cuh): argument checks, device
+// Thin torch glue for the torch-free CUDA launchers (gqa_decode, kv_append, low_rank_attention, low_rank_linear,
+// low_rank_embedding .cuh): argument checks, device
 // guard, current stream, caching-allocator output and workspace, launch error reporting. Only light ATen/c10
 // headers on purpose: torch/extension.h would make this nvcc compile take ~110 s and ~3 GB.
 #include <ATen/core/Tensor.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/util/Exception.h>
@@ -18,6 +20,8 @@
 #include "gqa_decode.cuh"
 #include "kv_append.cuh"
 #include "low_rank_attention.cuh"
+#include "low_rank_embedding.cuh"
+#include "low_rank_linear.cuh"
 
 namespace effkern {
 namespace {
@@ -287,6 +291,115 @@ at::Tensor low_rank_attention_bwd_cuda(const at::Tensor& qkv, const at::Tensor& 
   const char* why = nullptr;
   check_launch(gpu::low_rank_attention_bwd_launch(a, at::cuda::getCurrentCUDAStream(), &why), why, op);
   return dqkv;
+}
+
+namespace {
+
+void check_operand(const at::Tensor& t, const at::Tensor& ref, const char* op, const char* name) {
+  check_cuda(t, ref, op, name);
+  TORCH_CHECK(t.is_contiguous() && t.scalar_type() == ref.scalar_type(), op, ": ", name,
+              " must be contiguous with dtype ", ref.scalar_type());
+}
+
+const void* optional_ptr(const std::optional<at::Tensor>& t, const at::Tensor& ref, const char* op,
+                         const char* name) {
+  if (!t) return nullptr;
+  check_operand(*t, ref, op, name);
+  return t->data_ptr();
+}
+
+gpu::LowRankLinearArgs low_rank_linear_args(const at::Tensor& x, const at::Tensor& u,
+                                            const std::optional<at::Tensor>& b1, const at::Tensor& v, int64_t act,
+                                            const char* op) {
+  TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.is_contiguous(), op, ": x must be a contiguous CUDA [M, d_in] tensor");
+  check_operand(u, x, op, "u");
+  check_operand(v, x, op, "v");
+  TORCH_CHECK(u.dim() == 2 && v.dim() == 2 && u.size(1) == x.size(1) && v.size(1) == u.size(0), op,
+              ": u must be [r, d_in] and v [d_out, r]");
+  gpu::LowRankLinearArgs a;
+  a.dtype = cuda_dtype(x, op, "x");
+  a.x = x.data_ptr(), a.u = u.data_ptr(), a.v = v.data_ptr(), a.b1 = optional_ptr(b1, x, op, "b1");
+  a.M = x.size(0), a.d_in = x.size(1), a.r = u.size(0), a.d_out = v.size(0), a.act = static_cast<int>(act);
+  return a;
+}
+
+}  // namespace
+
+at::Tensor low_rank_linear_fwd_cuda(const at::Tensor& x, const at::Tensor& u, const std::optional<at::Tensor>& b1,
+                                    const at::Tensor& v, const std::optional<at::Tensor>& b2, int64_t act) {
+  constexpr const char* op = "low_rank_linear_fwd_cuda";
+  gpu::LowRankLinearArgs a = low_rank_linear_args(x, u, b1, v, act, op);
+  a.b2 = optional_ptr(b2, x, op, "b2");
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor y = at::empty({a.M, a.d_out}, x.options());
+  a.y = y.data_ptr();
+  const char* why = nullptr;
+  check_launch(gpu::low_rank_linear_fwd_launch(a, at::cuda::getCurrentCUDAStream(), &why), why, op);
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> low_rank_linear_bwd_cuda(const at::Tensor& x, const at::Tensor& u,
+                                                                        const std::optional<at::Tensor>& b1,
+                                                                        const at::Tensor& v, const at::Tensor& g,
+                                                                        int64_t act) {
+  constexpr const char* op = "low_rank_linear_bwd_cuda";
+  gpu::LowRankLinearArgs a = low_rank_linear_args(x, u, b1, v, act, op);
+  check_operand(g, x, op, "g");
+  TORCH_CHECK(g.dim() == 2 && g.size(0) == a.M && g.size(1) == a.d_out, op, ": g must be [M, d_out]");
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor dx = at::empty_like(x), hidden = at::empty({a.M, a.r}, x.options()), dt = at::empty_like(hidden);
+  a.g = g.data_ptr(), a.dx = dx.data_ptr(), a.hidden = hidden.data_ptr(), a.dt = dt.data_ptr();
+  const char* why = nullptr;
+  check_launch(gpu::low_rank_linear_bwd_launch(a, at::cuda::getCurrentCUDAStream(), &why), why, op);
+  return {dx, hidden, dt};
+}
+
+namespace {
+
+gpu::LowRankEmbeddingArgs low_rank_embedding_args(const at::Tensor& ids, const at::Tensor& u, bool mean,
+                                                  const char* op) {
+  TORCH_CHECK(ids.is_cuda() && ids.dim() == 3 && ids.is_contiguous() && ids.scalar_type() == at::kLong, op,
+              ": ids must be a contiguous int64 CUDA [B, F, L] tensor");
+  check_cuda(u, ids, op, "u");
+  TORCH_CHECK(u.dim() == 3 && u.is_contiguous() && u.size(0) == ids.size(1), op, ": u must be a contiguous [F, d, k]");
+  gpu::LowRankEmbeddingArgs a;
+  a.dtype = cuda_dtype(u, op, "u");
+  a.ids = ids.data_ptr<int64_t>(), a.u = u.data_ptr();
+  a.B = ids.size(0), a.F = ids.size(1), a.L = ids.size(2), a.d = u.size(1), a.k = u.size(2), a.mean = mean;
+  return a;
+}
+
+}  // namespace
+
+at::Tensor low_rank_embedding_fwd_cuda(const at::Tensor& ids, const at::Tensor& table, const at::Tensor& offsets,
+                                       const at::Tensor& u, const at::Tensor& mu, bool mean) {
+  constexpr const char* op = "low_rank_embedding_fwd_cuda";
+  gpu::LowRankEmbeddingArgs a = low_rank_embedding_args(ids, u, mean, op);
+  check_operand(table, u, op, "table");
+  check_operand(mu, u, op, "mu");
+  check_cuda(offsets, ids, op, "offsets");
+  TORCH_CHECK(table.dim() == 2 && table.size(1) == a.k && mu.dim() == 2 && mu.size(0) == a.F && mu.size(1) == a.d &&
+                  offsets.scalar_type() == at::kLong && offsets.is_contiguous() && offsets.numel() == a.F,
+              op, ": table must be [V, k], mu [F, d] and offsets a contiguous int64 [F]");
+  const c10::cuda::CUDAGuard guard(ids.device());
+  at::Tensor out = at::empty({a.B, a.F, a.d}, table.options());
+  a.table = table.data_ptr(), a.offsets = offsets.data_ptr<int64_t>(), a.mu = mu.data_ptr(), a.out = out.data_ptr();
+  const char* why = nullptr;
+  check_launch(gpu::low_rank_embedding_fwd_launch(a, at::cuda::getCurrentCUDAStream(), &why), why, op);
+  return out;
+}
+
+at::Tensor low_rank_embedding_de_cuda(const at::Tensor& ids, const at::Tensor& u, const at::Tensor& g, bool mean) {
+  constexpr const char* op = "low_rank_embedding_de_cuda";
+  gpu::LowRankEmbeddingArgs a = low_rank_embedding_args(ids, u, mean, op);
+  check_operand(g, u, op, "g");
+  TORCH_CHECK(g.dim() == 3 && g.size(0) == a.B && g.size(1) == a.F && g.size(2) == a.d, op, ": g must be [B, F, d]");
+  const c10::cuda::CUDAGuard guard(ids.device());
+  at::Tensor de = at::empty({a.B, a.F, a.k}, g.options().dtype(at::kFloat));
+  a.g = g.data_ptr(), a.de = de.data_ptr<float>();
+  const char* why = nullptr;
+  check_launch(gpu::low_rank_embedding_de_launch(a, at::cuda::getCurrentCUDAStream(), &why), why, op);
+  return de;
 }
 
 }  // namespace effkern

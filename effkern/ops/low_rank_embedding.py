@@ -10,8 +10,9 @@ rows are summed (or averaged) BEFORE the reconstruction, since ``sum_j (U e'_j +
 
 Backends (op contract): ``cpu`` = C++ kernel (per row and field: a gather-sum of k-wide rows in fp32, then k
 broadcast-FMAs along d; the backward accumulates the table, U and mu gradients per thread); on CUDA tensors the
-Triton kernels (the forward fused; the backward's per-bag gradient de in a kernel, its scatter into the table
-and the U / mu reductions over the batch as torch ops); the reference everywhere else.
+CUDA kernels for k <= 32 (a warp per row and field, a lane per component), else the Triton kernels: both fuse the
+forward, and compute the backward's per-bag gradient de in a kernel, its scatter into the table and the U / mu
+reductions over the batch as torch ops; the reference everywhere else.
 """
 
 from __future__ import annotations
@@ -61,11 +62,17 @@ def bwd_reference(ids, table, offsets, u, mu, g, mean: bool):
 
 
 def _native_fwd(ids, table, offsets, u, mu, mean):
-    return _backend.extension().low_rank_embedding_fwd_cpu(ids, table, offsets, u, mu, mean)
+    return getattr(_backend.extension(), f"low_rank_embedding_fwd_{table.device.type}")(
+        ids, table, offsets, u.contiguous(), mu.contiguous(), mean)
 
 
-def _native_bwd(ids, table, offsets, u, mu, g, mean):
+def _cpu_bwd(ids, table, offsets, u, mu, g, mean):
     return tuple(_backend.extension().low_rank_embedding_bwd_cpu(ids, table, offsets, u, mu, g, mean))
+
+
+def _cuda_bwd(ids, table, offsets, u, mu, g, mean):
+    de = _backend.extension().low_rank_embedding_de_cuda(ids, u.contiguous(), g, mean)
+    return _grads(_bags(ids, table, offsets, mean), table, u, mu, g, de)
 
 
 def _triton_fwd(*args):
@@ -81,12 +88,15 @@ def _triton_bwd(ids, table, offsets, u, mu, g, mean):
     return _grads(_bags(ids, table, offsets, mean), table, u, mu, g, de)
 
 
-_FWD = {"reference": reference, "cpu": _native_fwd, "triton": _triton_fwd}
-_BWD = {"reference": bwd_reference, "cpu": _native_bwd, "triton": _triton_bwd}
+_FWD = {"reference": reference, "cpu": _native_fwd, "cuda": _native_fwd, "triton": _triton_fwd}
+_BWD = {"reference": bwd_reference, "cpu": _cpu_bwd, "cuda": _cuda_bwd, "triton": _triton_bwd}
+CUDA_MAX_RANK = 32  # csrc/cuda/low_rank_embedding.cuh: kLowRankEmbeddingMaxRank
 
 
-def _preferred(t: torch.Tensor) -> list[str]:
-    return ["cpu"] if t.device.type == "cpu" else ["triton"]
+def _preferred(table: torch.Tensor) -> list[str]:
+    if table.device.type == "cpu":
+        return ["cpu"]
+    return ["cuda", "triton"] if table.shape[1] <= CUDA_MAX_RANK else ["triton"]
 
 
 @torch.library.custom_op("effkern::low_rank_embedding", mutates_args=())

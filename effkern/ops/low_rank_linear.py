@@ -7,9 +7,10 @@ The compressed MLP layer of CTR low-rank compression (PAPERS.md E: ``W ~= U_k U_
 Fused: the rank-r hidden layer is never written to memory. The C++ CPU kernel runs both products over tiles of 6
 rows of x held in fp32 registers/L1 (its own AVX-512 / AVX2 micro-kernel on weights packed once per call), the
 bias and activation applied in registers between them; its backward recomputes the hidden layer per tile (one
-extra rank-r product instead of storing it) and accumulates the weight gradients per thread. On CUDA tensors the
-Triton kernels run (``tl.dot`` on tensor cores): the forward fully fused, the backward fused up to dx, writing
-only the rank-sized ``act(t)`` and ``dt`` for the two weight-gradient GEMMs.
+extra rank-r product instead of storing it) and accumulates the weight gradients per thread. On CUDA tensors:
+ranks up to 64 run the CUDA kernels (a block of 64 rows holds the whole hidden tile in shared memory, fp32
+FMAs), larger ranks the Triton kernels (``tl.dot``); both fuse the forward fully and the backward up to dx,
+writing only the rank-sized ``act(t)`` and ``dt`` for the two weight-gradient GEMMs (cuBLAS, over all rows).
 Accumulation is fp32.
 """
 
@@ -60,12 +61,26 @@ def bwd_reference(x, u, b1, v, g, act: int):
     return tuple(t.to(x.dtype) for t in grads)
 
 
+def _weight_grads(x, g, hidden, dt):
+    """(du, db1, dv, db2) from the rank-sized act(t) and dt of a GPU backward: GEMMs over all rows (cuBLAS), fp32."""
+    acc = torch.float32
+    return ((dt.t().to(acc) @ x.to(acc)).to(x.dtype), dt.to(acc).sum(0).to(x.dtype),
+            (g.t().to(acc) @ hidden.to(acc)).to(x.dtype), g.to(acc).sum(0).to(x.dtype))
+
+
 def _native_fwd(x, u, b1, v, b2, act):
-    return _backend.extension().low_rank_linear_fwd_cpu(x, u, b1, v, b2, act)
+    return getattr(_backend.extension(), f"low_rank_linear_fwd_{x.device.type}")(x, u.contiguous(), b1,
+                                                                                  v.contiguous(), b2, act)
 
 
-def _native_bwd(x, u, b1, v, g, act):
+def _cpu_bwd(x, u, b1, v, g, act):
     return tuple(_backend.extension().low_rank_linear_bwd_cpu(x, u, b1, v, g, act))
+
+
+def _cuda_bwd(x, u, b1, v, g, act):
+    dx, hidden, dt = _backend.extension().low_rank_linear_bwd_cuda(x, u.contiguous(), b1, v.contiguous(), g, act)
+    du, db1, dv, db2 = _weight_grads(x, g, hidden, dt)
+    return dx, du, db1, dv, db2
 
 
 def _triton_fwd(*args):
@@ -74,25 +89,30 @@ def _triton_fwd(*args):
     return low_rank_linear_fwd_triton(*args)
 
 
-def _triton_bwd(*args):
+def _triton_bwd(x, u, b1, v, g, act):
     from effkern.triton_kernels.low_rank_linear import low_rank_linear_bwd_triton
 
-    return low_rank_linear_bwd_triton(*args)
+    dx, hidden, dt = low_rank_linear_bwd_triton(x, u, b1, v, g, act)
+    du, db1, dv, db2 = _weight_grads(x, g, hidden, dt)
+    return dx, du, db1, dv, db2
 
 
-_FWD = {"reference": reference, "cpu": _native_fwd, "triton": _triton_fwd}
-_BWD = {"reference": bwd_reference, "cpu": _native_bwd, "triton": _triton_bwd}
+_FWD = {"reference": reference, "cpu": _native_fwd, "cuda": _native_fwd, "triton": _triton_fwd}
+_BWD = {"reference": bwd_reference, "cpu": _cpu_bwd, "cuda": _cuda_bwd, "triton": _triton_bwd}
+CUDA_MAX_RANK = 64  # csrc/cuda/low_rank_linear.cuh: kLowRankLinearMaxRank
 
 
-def _preferred(t: torch.Tensor) -> list[str]:
-    return ["cpu"] if t.device.type == "cpu" else ["triton"]
+def _preferred(x: torch.Tensor, u: torch.Tensor) -> list[str]:
+    if x.device.type == "cpu":
+        return ["cpu"]
+    return ["cuda", "triton"] if u.shape[0] <= CUDA_MAX_RANK else ["triton"]
 
 
 @torch.library.custom_op("effkern::low_rank_linear", mutates_args=())
 def fwd_op(x: torch.Tensor, u: torch.Tensor, b1: torch.Tensor | None, v: torch.Tensor, b2: torch.Tensor | None,
            act: int) -> torch.Tensor:
     """x contiguous [M, d_in] -> y [M, d_out]."""
-    return _backend.run("low_rank_linear", x.device, _preferred(x), _FWD, x, u, b1, v, b2, act)
+    return _backend.run("low_rank_linear", x.device, _preferred(x, u), _FWD, x, u, b1, v, b2, act)
 
 
 @fwd_op.register_fake
@@ -104,7 +124,7 @@ def _(x, u, b1, v, b2, act):
 def bwd_op(x: torch.Tensor, u: torch.Tensor, b1: torch.Tensor | None, v: torch.Tensor, g: torch.Tensor,
            act: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, du, db1, dv, db2) from x, the weights and g = dL/dy (contiguous [M, d_out])."""
-    return _backend.run("low_rank_linear", x.device, _preferred(x), _BWD, x, u, b1, v, g, act)
+    return _backend.run("low_rank_linear", x.device, _preferred(x, u), _BWD, x, u, b1, v, g, act)
 
 
 @bwd_op.register_fake

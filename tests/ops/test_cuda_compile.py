@@ -74,7 +74,8 @@ def _ok(builds, name: str) -> tuple[subprocess.CompletedProcess, Path]:
 
 def test_expected_kernel_files_exist():
     names = {p.name for p in KERNEL_FILES}
-    assert {"gqa_decode.cu", "kv_append.cu", "low_rank_attention.cu"} <= names, f"kernel files found: {sorted(names)}"
+    assert {"gqa_decode.cu", "kv_append.cu", "low_rank_attention.cu", "low_rank_linear.cu",
+            "low_rank_embedding.cu"} <= names, f"kernel files found: {sorted(names)}"
 
 
 @pytest.mark.parametrize("name", [p.name for p in KERNEL_FILES])

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_close, check_backend, env, requires_ext, supported_cpu_isas
+from helpers import assert_close, check_backend, env, requires_cuda, requires_ext, supported_cpu_isas
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -32,7 +32,7 @@ def forward_backward(backend, inputs, mode, isa=None):
     ids, table, offsets, u, mu = inputs
     with env(EFFKERN_BACKEND=backend, EFFKERN_CPU_ISA=isa):
         out = low_rank_embedding(ids, table, offsets, u, mu, mode)
-        weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+        weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.device)
         grads = torch.autograd.grad((out.float() * weight).sum(), (table, u, mu))
     return [out, *grads]
 
@@ -122,3 +122,16 @@ def test_bad_inputs_name_the_argument(change, match):
     change(args)
     with pytest.raises((ValueError, TypeError), match=match):
         low_rank_embedding(**args)
+
+
+@requires_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mode", ["sum", "mean"])
+@pytest.mark.parametrize("b, sizes, k, d, bag", [(4096, [943, 1682, 7, 2, 21], 8, 16, 1), (33, [19], 3, 70, 6)])
+def test_gpu_backends(backend, dtype, mode, b, sizes, k, d, bag):
+    ids, table, offsets, u, mu = make(b, sizes, k, d, bag, dtype)
+    inputs = [ids.cuda(), *(t.detach().cuda().requires_grad_() if t.is_floating_point() else t.cuda()
+                            for t in (table, offsets, u, mu))]
+    check(backend, inputs, mode)

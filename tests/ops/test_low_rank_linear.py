@@ -6,7 +6,15 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_close, assert_close_scaled, check_backend, env, requires_ext, supported_cpu_isas
+from helpers import (
+    assert_close,
+    assert_close_scaled,
+    check_backend,
+    env,
+    requires_cuda,
+    requires_ext,
+    supported_cpu_isas,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -34,7 +42,7 @@ def make(m, d_in, r, d_out, dtype, bias=True, seed=0):
 def forward_backward(backend, inputs, activation, isa=None):
     with env(EFFKERN_BACKEND=backend, EFFKERN_CPU_ISA=isa):
         y = low_rank_linear(*inputs, activation=activation)
-        weight = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
+        weight = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y.device)
         grads = torch.autograd.grad((y.float() * weight).sum(), inputs)
     return [y, *grads]
 
@@ -139,3 +147,14 @@ def test_bad_inputs_name_the_argument(change, match):
     change(args)
     with pytest.raises((ValueError, TypeError), match=match):
         low_rank_linear(**args)
+
+
+@requires_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("m, d_in, r, d_out", [(4096, 400, 64, 400), (70, 100, 20, 70), (5, 7, 3, 9)])
+def test_gpu_backends(backend, dtype, activation, m, d_in, r, d_out):
+    inputs = [t.detach().cuda().requires_grad_() for t in make(m, d_in, r, d_out, dtype)]
+    check(backend, inputs, activation)

@@ -1,0 +1,302 @@
+// Fused low-rank linear: forward and backward CUDA kernels. Interface and semantics: low_rank_linear.cuh.
+// Torch-free.
+//
+// A block owns kRows = 64 rows of x and the whole rank (RP = r padded to 16 / 32 / 64): 256 threads as 16 x 16,
+// each holding a 4-row x (RP / 16)-column register tile of the hidden layer t = x U^T + b1, accumulated over d_in
+// in 32-wide slices of x and U^T staged in shared memory. The hidden tile then lives in shared memory only:
+//   forward   act(t) -> smem; y = act(t) V^T + b2 in 64-column slices (V^T staged per slice), 4 x 4 per thread;
+//   backward  act(t) -> global (for dV), act'(t) -> smem; da = g V over 32-column slices of g and V; dt = da *
+//             act'(t) in place (each thread rewrites only its own elements), -> global (for dU); dx = dt U in
+//             64-column slices. The weight-gradient GEMMs over all rows are cuBLAS's (the torch glue).
+// fp32 FMAs: CTR ranks are 16..64, below where a tensor-core tile pays; fp16/bf16 are widened when staged.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "common.cuh"
+#include "low_rank_linear.cuh"
+
+namespace effkern::gpu {
+namespace {
+
+constexpr int kThreads = 256;  // 16 x 16
+constexpr int kRows = 64;      // rows of x per block: 16 thread rows x 4
+constexpr int kSlice = 32;     // d_in slice of the hidden-layer product
+constexpr int kCols = 64;      // output slice of the second products: 16 thread columns x 4
+
+struct Params {
+  const void* x;
+  const void* u;
+  const void* b1;
+  const void* v;
+  const void* b2;
+  void* y;
+  const void* g;
+  void* dx;
+  void* hidden;
+  void* dt;
+  int M, d_in, r, d_out, act;
+};
+
+__device__ __forceinline__ float activation(float t, int act) {
+  if (act == 1) return fmaxf(t, 0.f);
+  if (act == 2) return t * normcdff(t);
+  return t;
+}
+
+__device__ __forceinline__ float activation_grad(float t, int act) {
+  if (act == 1) return t > 0.f ? 1.f : 0.f;
+  if (act == 2) return normcdff(t) + t * expf(-0.5f * t * t) * 0.3989422804014327f;
+  return 1.f;
+}
+
+template <int RP>
+struct Smem {
+  float hid[kRows][RP + 1];  // act(t) (forward) or act'(t), then dt (backward); +1 against bank conflicts
+  union {
+    struct {
+      float x[kRows][kSlice + 1];
+      float ut[kSlice][RP + 1];
+    } a;                            // hidden-layer product: slices of x and U^T
+    float vt[RP][kCols + 1];        // forward: a slice of V^T
+    struct {
+      float g[kRows][kSlice + 1];
+      float v[kSlice][RP + 1];
+    } b;                            // backward da = g V: slices of g and V
+    float u[RP][kCols + 1];         // backward dx = dt U: a slice of U
+  } stage;
+};
+
+// acc (this thread's 4 x CT tile of t = x U^T, rows 4 ty.., columns CT tx..) over all of d_in; no bias.
+template <typename T, int RP>
+__device__ __forceinline__ void hidden_product(const Params& p, Smem<RP>& s, int64_t row0, float (&acc)[4][RP / 16]) {
+  constexpr int CT = RP / 16;
+  const int tid = threadIdx.x, ty = tid / 16, tx = tid % 16;
+  const T* x = static_cast<const T*>(p.x);
+  const T* u = static_cast<const T*>(p.u);
+  #pragma unroll
+  for (int i = 0; i < 4; ++i)
+    #pragma unroll
+    for (int j = 0; j < CT; ++j) acc[i][j] = 0.f;
+  for (int k0 = 0; k0 < p.d_in; k0 += kSlice) {
+    for (int e = tid; e < kRows * kSlice; e += kThreads) {
+      const int r = e / kSlice, k = e % kSlice;
+      s.stage.a.x[r][k] = row0 + r < p.M && k0 + k < p.d_in ? to_float(x[(row0 + r) * p.d_in + k0 + k]) : 0.f;
+    }
+    for (int e = tid; e < RP * kSlice; e += kThreads) {
+      const int c = e / kSlice, k = e % kSlice;
+      s.stage.a.ut[k][c] = c < p.r && k0 + k < p.d_in ? to_float(u[static_cast<int64_t>(c) * p.d_in + k0 + k]) : 0.f;
+    }
+    __syncthreads();
+#pragma unroll 8
+    for (int k = 0; k < kSlice; ++k) {
+      float a[4], b[CT];
+      #pragma unroll
+      for (int i = 0; i < 4; ++i) a[i] = s.stage.a.x[4 * ty + i][k];
+      #pragma unroll
+      for (int j = 0; j < CT; ++j) b[j] = s.stage.a.ut[k][CT * tx + j];
+      #pragma unroll
+      for (int i = 0; i < 4; ++i)
+        #pragma unroll
+        for (int j = 0; j < CT; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
+    }
+    __syncthreads();
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ float bias_at(const void* b, int c, int n) {
+  return b != nullptr && c < n ? to_float(static_cast<const T*>(b)[c]) : 0.f;
+}
+
+template <typename T, int RP>
+__global__ void __launch_bounds__(kThreads, 2) lrl_fwd_kernel(Params p) {
+  constexpr int CT = RP / 16;
+  __shared__ Smem<RP> s;
+  const int tid = threadIdx.x, ty = tid / 16, tx = tid % 16;
+  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kRows;
+  float acc[4][CT];
+  hidden_product<T, RP>(p, s, row0, acc);
+  #pragma unroll
+  for (int i = 0; i < 4; ++i)
+    #pragma unroll
+    for (int j = 0; j < CT; ++j) {
+      const int c = CT * tx + j;  // padded columns: zero rows of U^T and no bias, so act(0) = 0
+      s.hid[4 * ty + i][c] = activation(acc[i][j] + bias_at<T>(p.b1, c, p.r), p.act);
+    }
+  __syncthreads();
+  const T* v = static_cast<const T*>(p.v);
+  T* y = static_cast<T*>(p.y);
+  for (int n0 = 0; n0 < p.d_out; n0 += kCols) {
+    for (int e = tid; e < RP * kCols; e += kThreads) {
+      const int n = e / RP, k = e % RP;
+      s.stage.vt[k][n] = n0 + n < p.d_out && k < p.r ? to_float(v[static_cast<int64_t>(n0 + n) * p.r + k]) : 0.f;
+    }
+    __syncthreads();
+    float out[4][4] = {};
+#pragma unroll 8
+    for (int k = 0; k < RP; ++k) {
+      float a[4], b[4];
+      #pragma unroll
+      for (int i = 0; i < 4; ++i) a[i] = s.hid[4 * ty + i][k];
+      #pragma unroll
+      for (int j = 0; j < 4; ++j) b[j] = s.stage.vt[k][4 * tx + j];
+      #pragma unroll
+      for (int i = 0; i < 4; ++i)
+        #pragma unroll
+        for (int j = 0; j < 4; ++j) out[i][j] = fmaf(a[i], b[j], out[i][j]);
+    }
+    #pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int64_t row = row0 + 4 * ty + i;
+      #pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int n = n0 + 4 * tx + j;
+        if (row < p.M && n < p.d_out) y[row * p.d_out + n] = from_float<T>(out[i][j] + bias_at<T>(p.b2, n, p.d_out));
+      }
+    }
+    __syncthreads();
+  }
+}
+
+template <typename T, int RP>
+__global__ void __launch_bounds__(kThreads, 2) lrl_bwd_kernel(Params p) {
+  constexpr int CT = RP / 16;
+  __shared__ Smem<RP> s;
+  const int tid = threadIdx.x, ty = tid / 16, tx = tid % 16;
+  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kRows;
+  T* hidden = static_cast<T*>(p.hidden);
+  T* dt = static_cast<T*>(p.dt);
+  float acc[4][CT];
+  hidden_product<T, RP>(p, s, row0, acc);
+  #pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int64_t row = row0 + 4 * ty + i;
+    #pragma unroll
+    for (int j = 0; j < CT; ++j) {
+      const int c = CT * tx + j;
+      const float t = acc[i][j] + bias_at<T>(p.b1, c, p.r);
+      if (row < p.M && c < p.r) hidden[row * p.r + c] = from_float<T>(activation(t, p.act));
+      s.hid[4 * ty + i][c] = activation_grad(t, p.act);
+      acc[i][j] = 0.f;  // reused for da
+    }
+  }
+  const T* g = static_cast<const T*>(p.g);
+  const T* v = static_cast<const T*>(p.v);
+  for (int n0 = 0; n0 < p.d_out; n0 += kSlice) {  // da = g V
+    for (int e = tid; e < kRows * kSlice; e += kThreads) {
+      const int r = e / kSlice, n = e % kSlice;
+      s.stage.b.g[r][n] = row0 + r < p.M && n0 + n < p.d_out ? to_float(g[(row0 + r) * p.d_out + n0 + n]) : 0.f;
+    }
+    for (int e = tid; e < kSlice * RP; e += kThreads) {
+      const int n = e / RP, c = e % RP;
+      s.stage.b.v[n][c] = n0 + n < p.d_out && c < p.r ? to_float(v[static_cast<int64_t>(n0 + n) * p.r + c]) : 0.f;
+    }
+    __syncthreads();
+#pragma unroll 8
+    for (int n = 0; n < kSlice; ++n) {
+      float a[4], b[CT];
+      #pragma unroll
+      for (int i = 0; i < 4; ++i) a[i] = s.stage.b.g[4 * ty + i][n];
+      #pragma unroll
+      for (int j = 0; j < CT; ++j) b[j] = s.stage.b.v[n][CT * tx + j];
+      #pragma unroll
+      for (int i = 0; i < 4; ++i)
+        #pragma unroll
+        for (int j = 0; j < CT; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
+    }
+    __syncthreads();
+  }
+  #pragma unroll
+  for (int i = 0; i < 4; ++i) {  // dt = da * act'(t), in place: each thread rewrites its own elements
+    const int64_t row = row0 + 4 * ty + i;
+    #pragma unroll
+    for (int j = 0; j < CT; ++j) {
+      const int c = CT * tx + j;
+      const float d = acc[i][j] * s.hid[4 * ty + i][c];
+      s.hid[4 * ty + i][c] = d;
+      if (row < p.M && c < p.r) dt[row * p.r + c] = from_float<T>(d);
+    }
+  }
+  __syncthreads();
+  const T* u = static_cast<const T*>(p.u);
+  T* dx = static_cast<T*>(p.dx);
+  for (int k0 = 0; k0 < p.d_in; k0 += kCols) {  // dx = dt U
+    for (int e = tid; e < RP * kCols; e += kThreads) {
+      const int c = e / kCols, k = e % kCols;
+      s.stage.u[c][k] = c < p.r && k0 + k < p.d_in ? to_float(u[static_cast<int64_t>(c) * p.d_in + k0 + k]) : 0.f;
+    }
+    __syncthreads();
+    float out[4][4] = {};
+#pragma unroll 8
+    for (int c = 0; c < RP; ++c) {
+      float a[4], b[4];
+      #pragma unroll
+      for (int i = 0; i < 4; ++i) a[i] = s.hid[4 * ty + i][c];
+      #pragma unroll
+      for (int j = 0; j < 4; ++j) b[j] = s.stage.u[c][4 * tx + j];
+      #pragma unroll
+      for (int i = 0; i < 4; ++i)
+        #pragma unroll
+        for (int j = 0; j < 4; ++j) out[i][j] = fmaf(a[i], b[j], out[i][j]);
+    }
+    #pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int64_t row = row0 + 4 * ty + i;
+      #pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int k = k0 + 4 * tx + j;
+        if (row < p.M && k < p.d_in) dx[row * p.d_in + k] = from_float<T>(out[i][j]);
+      }
+    }
+    __syncthreads();
+  }
+}
+
+cudaError_t check(const LowRankLinearArgs& a, bool backward, const char** why) {
+  if (dtype_bytes(a.dtype) == 0) return invalid_argument(why, kDtypeError);
+  if (a.M < 0 || a.d_in < 1 || a.r < 1 || a.d_out < 1 || a.M > kIntMax || a.d_in > kIntMax || a.d_out > kIntMax)
+    return invalid_argument(why, "M must be >= 0 and d_in, r, d_out >= 1, all below 2^31");
+  if (a.r > kLowRankLinearMaxRank) return invalid_argument(why, "r exceeds kLowRankLinearMaxRank");
+  if (a.x == nullptr || a.u == nullptr || a.v == nullptr) return invalid_argument(why, "x, u and v are required");
+  if (backward ? (a.g == nullptr || a.dx == nullptr || a.hidden == nullptr || a.dt == nullptr) : a.y == nullptr)
+    return invalid_argument(why, "missing output or gradient pointer");
+  return cudaSuccess;
+}
+
+template <typename T>
+cudaError_t launch_typed(const LowRankLinearArgs& a, bool backward, cudaStream_t stream) {
+  const Params p{a.x, a.u, a.b1, a.v, a.b2, a.y, a.g, a.dx, a.hidden, a.dt, static_cast<int>(a.M),
+                 static_cast<int>(a.d_in), static_cast<int>(a.r), static_cast<int>(a.d_out), a.act};
+  const dim3 grid(static_cast<unsigned>((a.M + kRows - 1) / kRows));
+  auto run = [&](auto kernel) { kernel<<<grid, kThreads, 0, stream>>>(p); };
+  if (a.r <= 16) {
+    backward ? run(lrl_bwd_kernel<T, 16>) : run(lrl_fwd_kernel<T, 16>);
+  } else if (a.r <= 32) {
+    backward ? run(lrl_bwd_kernel<T, 32>) : run(lrl_fwd_kernel<T, 32>);
+  } else {
+    backward ? run(lrl_bwd_kernel<T, 64>) : run(lrl_fwd_kernel<T, 64>);
+  }
+  return cudaGetLastError();
+}
+
+cudaError_t launch(const LowRankLinearArgs& a, bool backward, cudaStream_t stream, const char** why) {
+  const cudaError_t err = check(a, backward, why);
+  if (err != cudaSuccess || a.M == 0) return err;
+  switch (a.dtype) {
+    case CUDA_R_16F: return launch_typed<__half>(a, backward, stream);
+    case CUDA_R_16BF: return launch_typed<__nv_bfloat16>(a, backward, stream);
+    default: return launch_typed<float>(a, backward, stream);
+  }
+}
+
+}  // namespace
+
+cudaError_t low_rank_linear_fwd_launch(const LowRankLinearArgs& args, cudaStream_t stream, const char** why) {
+  return launch(args, false, stream, why);
+}
+
+cudaError_t low_rank_linear_bwd_launch(const LowRankLinearArgs& args, cudaStream_t stream, const char** why) {
+  return launch(args, true, stream, why);
+}
+
+}  // namespace effkern::gpu
