@@ -66,16 +66,57 @@ struct Smem {
   } stage;
 };
 
+// acc[i][j] += sum_{k < K} A[4 ty + i][k] * B[k][CT tx + j]: this thread's 4 x CT tile of a product of two
+// shared-memory tiles.
+template <int CT, int LDA, int LDB>
+__device__ __forceinline__ void tile_fma(float (&acc)[4][CT], const float (*A)[LDA], const float (*B)[LDB], int K) {
+  const int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
+#pragma unroll 8
+  for (int k = 0; k < K; ++k) {
+    float a[4], b[CT];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) a[i] = A[4 * ty + i][k];
+#pragma unroll
+    for (int j = 0; j < CT; ++j) b[j] = B[k][CT * tx + j];
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+      for (int j = 0; j < CT; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ float bias_at(const void* b, int c, int n) {
+  return b != nullptr && c < n ? to_float(static_cast<const T*>(b)[c]) : 0.f;
+}
+
+// dst[row][c] = acc (+ bias[c]) for this thread's 4 x 4 tile at rows row0 + 4 ty.., columns c0 + 4 tx.. of a
+// [M, n] matrix, inside its bounds.
+template <typename T>
+__device__ __forceinline__ void store_tile(const float (&acc)[4][4], T* dst, const void* bias, int64_t row0, int c0,
+                                           int M, int n) {
+  const int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int64_t row = row0 + 4 * ty + i;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int c = c0 + 4 * tx + j;
+      if (row < M && c < n) dst[row * n + c] = from_float<T>(acc[i][j] + bias_at<T>(bias, c, n));
+    }
+  }
+}
+
 // acc (this thread's 4 x CT tile of t = x U^T, rows 4 ty.., columns CT tx..) over all of d_in; no bias.
 template <typename T, int RP>
 __device__ __forceinline__ void hidden_product(const Params& p, Smem<RP>& s, int64_t row0, float (&acc)[4][RP / 16]) {
   constexpr int CT = RP / 16;
-  const int tid = threadIdx.x, ty = tid / 16, tx = tid % 16;
+  const int tid = threadIdx.x;
   const T* x = static_cast<const T*>(p.x);
   const T* u = static_cast<const T*>(p.u);
-  #pragma unroll
+#pragma unroll
   for (int i = 0; i < 4; ++i)
-    #pragma unroll
+#pragma unroll
     for (int j = 0; j < CT; ++j) acc[i][j] = 0.f;
   for (int k0 = 0; k0 < p.d_in; k0 += kSlice) {
     for (int e = tid; e < kRows * kSlice; e += kThreads) {
@@ -87,25 +128,9 @@ __device__ __forceinline__ void hidden_product(const Params& p, Smem<RP>& s, int
       s.stage.a.ut[k][c] = c < p.r && k0 + k < p.d_in ? to_float(u[static_cast<int64_t>(c) * p.d_in + k0 + k]) : 0.f;
     }
     __syncthreads();
-#pragma unroll 8
-    for (int k = 0; k < kSlice; ++k) {
-      float a[4], b[CT];
-      #pragma unroll
-      for (int i = 0; i < 4; ++i) a[i] = s.stage.a.x[4 * ty + i][k];
-      #pragma unroll
-      for (int j = 0; j < CT; ++j) b[j] = s.stage.a.ut[k][CT * tx + j];
-      #pragma unroll
-      for (int i = 0; i < 4; ++i)
-        #pragma unroll
-        for (int j = 0; j < CT; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
-    }
+    tile_fma<CT>(acc, s.stage.a.x, s.stage.a.ut, kSlice);
     __syncthreads();
   }
-}
-
-template <typename T>
-__device__ __forceinline__ float bias_at(const void* b, int c, int n) {
-  return b != nullptr && c < n ? to_float(static_cast<const T*>(b)[c]) : 0.f;
 }
 
 template <typename T, int RP>
@@ -116,9 +141,9 @@ __global__ void __launch_bounds__(kThreads, 2) lrl_fwd_kernel(Params p) {
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kRows;
   float acc[4][CT];
   hidden_product<T, RP>(p, s, row0, acc);
-  #pragma unroll
+#pragma unroll
   for (int i = 0; i < 4; ++i)
-    #pragma unroll
+#pragma unroll
     for (int j = 0; j < CT; ++j) {
       const int c = CT * tx + j;  // padded columns: zero rows of U^T and no bias, so act(0) = 0
       s.hid[4 * ty + i][c] = activation(acc[i][j] + bias_at<T>(p.b1, c, p.r), p.act);
@@ -133,27 +158,8 @@ __global__ void __launch_bounds__(kThreads, 2) lrl_fwd_kernel(Params p) {
     }
     __syncthreads();
     float out[4][4] = {};
-#pragma unroll 8
-    for (int k = 0; k < RP; ++k) {
-      float a[4], b[4];
-      #pragma unroll
-      for (int i = 0; i < 4; ++i) a[i] = s.hid[4 * ty + i][k];
-      #pragma unroll
-      for (int j = 0; j < 4; ++j) b[j] = s.stage.vt[k][4 * tx + j];
-      #pragma unroll
-      for (int i = 0; i < 4; ++i)
-        #pragma unroll
-        for (int j = 0; j < 4; ++j) out[i][j] = fmaf(a[i], b[j], out[i][j]);
-    }
-    #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int64_t row = row0 + 4 * ty + i;
-      #pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const int n = n0 + 4 * tx + j;
-        if (row < p.M && n < p.d_out) y[row * p.d_out + n] = from_float<T>(out[i][j] + bias_at<T>(p.b2, n, p.d_out));
-      }
-    }
+    tile_fma<4>(out, s.hid, s.stage.vt, RP);
+    store_tile<T>(out, y, p.b2, row0, n0, p.M, p.d_out);
     __syncthreads();
   }
 }
@@ -168,10 +174,10 @@ __global__ void __launch_bounds__(kThreads, 2) lrl_bwd_kernel(Params p) {
   T* dt = static_cast<T*>(p.dt);
   float acc[4][CT];
   hidden_product<T, RP>(p, s, row0, acc);
-  #pragma unroll
+#pragma unroll
   for (int i = 0; i < 4; ++i) {
     const int64_t row = row0 + 4 * ty + i;
-    #pragma unroll
+#pragma unroll
     for (int j = 0; j < CT; ++j) {
       const int c = CT * tx + j;
       const float t = acc[i][j] + bias_at<T>(p.b1, c, p.r);
@@ -192,24 +198,13 @@ __global__ void __launch_bounds__(kThreads, 2) lrl_bwd_kernel(Params p) {
       s.stage.b.v[n][c] = n0 + n < p.d_out && c < p.r ? to_float(v[static_cast<int64_t>(n0 + n) * p.r + c]) : 0.f;
     }
     __syncthreads();
-#pragma unroll 8
-    for (int n = 0; n < kSlice; ++n) {
-      float a[4], b[CT];
-      #pragma unroll
-      for (int i = 0; i < 4; ++i) a[i] = s.stage.b.g[4 * ty + i][n];
-      #pragma unroll
-      for (int j = 0; j < CT; ++j) b[j] = s.stage.b.v[n][CT * tx + j];
-      #pragma unroll
-      for (int i = 0; i < 4; ++i)
-        #pragma unroll
-        for (int j = 0; j < CT; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
-    }
+    tile_fma<CT>(acc, s.stage.b.g, s.stage.b.v, kSlice);
     __syncthreads();
   }
-  #pragma unroll
+#pragma unroll
   for (int i = 0; i < 4; ++i) {  // dt = da * act'(t), in place: each thread rewrites its own elements
     const int64_t row = row0 + 4 * ty + i;
-    #pragma unroll
+#pragma unroll
     for (int j = 0; j < CT; ++j) {
       const int c = CT * tx + j;
       const float d = acc[i][j] * s.hid[4 * ty + i][c];
@@ -227,27 +222,8 @@ __global__ void __launch_bounds__(kThreads, 2) lrl_bwd_kernel(Params p) {
     }
     __syncthreads();
     float out[4][4] = {};
-#pragma unroll 8
-    for (int c = 0; c < RP; ++c) {
-      float a[4], b[4];
-      #pragma unroll
-      for (int i = 0; i < 4; ++i) a[i] = s.hid[4 * ty + i][c];
-      #pragma unroll
-      for (int j = 0; j < 4; ++j) b[j] = s.stage.u[c][4 * tx + j];
-      #pragma unroll
-      for (int i = 0; i < 4; ++i)
-        #pragma unroll
-        for (int j = 0; j < 4; ++j) out[i][j] = fmaf(a[i], b[j], out[i][j]);
-    }
-    #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int64_t row = row0 + 4 * ty + i;
-      #pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const int k = k0 + 4 * tx + j;
-        if (row < p.M && k < p.d_in) dx[row * p.d_in + k] = from_float<T>(out[i][j]);
-      }
-    }
+    tile_fma<4>(out, s.hid, s.stage.u, RP);
+    store_tile<T>(out, dx, nullptr, row0, k0, p.M, p.d_in);
     __syncthreads();
   }
 }
