@@ -55,6 +55,32 @@ def median_time(fn, device: str, min_run_time: float = 0.5) -> float:
     return timer.blocked_autorange(min_run_time=min_run_time).median
 
 
+def interleaved_times(fns: dict, device: str, rounds: int = 30, min_time: float = 0.01) -> dict:
+    """Median seconds per call of each function, the functions timed in turn each round (a round calls each one
+    enough times to take ~min_time), so a drift of the machine's speed during the run hits all of them alike; the
+    op benchmarks comparing a kernel with its torch baseline use it on the CPU (this VM drifts by tens of
+    percent within a minute). On a GPU: median_time per function (triton's do_bench)."""
+    import statistics
+    import time
+
+    if device == "cuda":
+        return {name: median_time(fn, device) for name, fn in fns.items()}
+    reps = {}
+    for name, fn in fns.items():
+        fn()
+        start = time.perf_counter()
+        fn()
+        reps[name] = max(1, int(min_time / max(time.perf_counter() - start, 1e-7)))
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            for _ in range(reps[name]):
+                fn()
+            times[name].append((time.perf_counter() - start) / reps[name])
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def copy_bandwidth(device: str, nbytes: int = 1 << 30) -> float:
     """Copy bandwidth in bytes/s, counting bytes read plus bytes written (the STREAM copy convention)."""
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)

@@ -4,7 +4,8 @@ shapes: the 400-wide DNN layers at ranks 16 / 32 / 64 and the first layers after
 8 fields x 8 -> 400, KDD-04: 74 x 8 -> 400), at the inference batch 4096 and the training batch 1024.
 
 Rows: median time of the forward (no autograd) and of forward + backward (gradients of x and all weights), the
-speedups over the torch pair, and the forward's FLOP rate as a fraction of this machine's fp32 matmul rate
+candidates timed in turn (``interleaved_times``: this VM's speed drifts), the speedups over the torch pair, and
+the forward's FLOP rate as a fraction of this machine's fp32 matmul rate
 (a 2048^3 torch.mm) measured in the same run.
 
     python bench/low_rank_linear.py [--quick] [--json PATH]
@@ -19,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import median_time, op_bench_args, run_shapes  # noqa: E402
+from common import interleaved_times, median_time, op_bench_args, run_shapes  # noqa: E402
 
 from effkern.ops import low_rank_linear  # noqa: E402
 from effkern.ops._backend import use_backend  # noqa: E402
@@ -52,14 +53,20 @@ def bench_shape(m, d_in, r, d_out, act, device, peak, backends):
         return run
 
     candidates = {"torch": torch_pair, **{name: fused(name) for name in backends}}
-    rows = []
-    for name, fn in candidates.items():
-        with torch.no_grad():
-            fwd = median_time(fn, device)
-        both = median_time(lambda fn=fn: torch.autograd.grad(fn(), inputs, g), device)
-        rows.append(dict(backend=name, M=m, d_in=d_in, r=r, d_out=d_out, act=act, fwd_ms=fwd * 1e3,
-                         fwd_bwd_ms=both * 1e3, fwd_gflops=2 * m * r * (d_in + d_out) / fwd / 1e9,
-                         frac_of_matmul=2 * m * r * (d_in + d_out) / fwd / peak))
+
+    def no_grad(fn):
+        def run():
+            with torch.no_grad():
+                return fn()
+        return run
+
+    fwd = interleaved_times({name: no_grad(fn) for name, fn in candidates.items()}, device)
+    both = interleaved_times({name: lambda fn=fn: torch.autograd.grad(fn(), inputs, g)
+                              for name, fn in candidates.items()}, device)
+    flops = 2 * m * r * (d_in + d_out)
+    rows = [dict(backend=name, M=m, d_in=d_in, r=r, d_out=d_out, act=act, fwd_ms=fwd[name] * 1e3,
+                 fwd_bwd_ms=both[name] * 1e3, fwd_gflops=flops / fwd[name] / 1e9,
+                 frac_of_matmul=flops / fwd[name] / peak) for name in candidates]
     base = rows[0]
     for row in rows:
         row["fwd_speedup"] = base["fwd_ms"] / row["fwd_ms"]

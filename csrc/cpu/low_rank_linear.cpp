@@ -56,6 +56,8 @@ cpu::LowRankLinearParams make_params(const at::Tensor& x, const at::Tensor& u, c
   return p;
 }
 
+constexpr int64_t kStreamBytes = int64_t{4} << 20;  // outputs from 4 MiB on are written with streaming stores
+
 int64_t tiles(int64_t rows) { return (rows + cpu::kLowRankLinearRows - 1) / cpu::kLowRankLinearRows; }
 
 }  // namespace
@@ -66,6 +68,9 @@ at::Tensor low_rank_linear_fwd_cpu(const at::Tensor& x, const at::Tensor& u, con
   cpu::LowRankLinearParams p = make_params(x, u, b1, v, b2, act, false, keep, "low_rank_linear_fwd_cpu");
   at::Tensor y = at::empty({p.M, p.d_out}, x.options());
   p.y = y.data_ptr();
+  // An output far larger than the L2s leaves the caches anyway: skipping its read-for-ownership saves a third of
+  // the kernel's memory traffic (measured: 400 -> 32 -> 400 at batch 4096 went from 0.9x to 1.16x the torch pair).
+  p.stream_y = p.M * p.d_out * static_cast<int64_t>(sizeof(float)) >= kStreamBytes;
   const auto fn = cpu::pick_isa(&cpu::avx512::low_rank_linear_fwd_tiles, &cpu::avx2::low_rank_linear_fwd_tiles,
                                 &cpu::generic::low_rank_linear_fwd_tiles);
   at::parallel_for(0, tiles(p.M), 1, [&](int64_t begin, int64_t end) {

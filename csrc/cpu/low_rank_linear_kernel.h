@@ -4,7 +4,8 @@
 // kept in L1 scratch (never in memory), then y = act(t) V^T + b2. Every product is one register-tiled
 // micro-kernel: per k, NV vector loads of a packed weight row, one broadcast per tile row, MR * NV FMAs into
 // kLrlAcc accumulators; the tile's height MR = kLrlAcc / NV grows as its width shrinks (AVX-512: 6 x 4, 8 x 3,
-// 12 x 2, 24 x 1 vectors), so a narrow rank (16: one vector) still does 24 FMAs per weight load.
+// 12 x 2, 24 x 1 vectors), so a narrow rank (16: one vector) still does 24 FMAs per weight load. An output far
+// larger than the L2s is written with streaming stores (no read-for-ownership; the host decides, stream_y).
 // Backward, per tile: recompute t (cheaper than writing it), da = g V, dt = da * act'(t), dx = dt U (written),
 // and accumulate this thread's dV += g^T act(t), dU^T += x^T dt, db1, db2 with a tile of act(t) / dt held in
 // registers while the weight-gradient rows stream through.
@@ -88,13 +89,16 @@ inline const float* lrl_rows_of_x(const LowRankLinearParams& p, int64_t r0, int6
 // below `rows` of the tile.
 template <DType DT, int MR, int NV>
 inline void lrl_store(const Vec (&acc)[MR][NV], const float* bias, void* dst, int64_t r0, int64_t i0, int64_t rows,
-                      int64_t c0, int64_t n) {
+                      int64_t c0, int64_t n, bool stream) {
   for (int64_t i = 0; i < MR && i0 + i < rows; ++i) {
     const int64_t at = (r0 + i0 + i) * n;
     for (int j = 0; j < NV; ++j) {
       const int64_t c = c0 + j * Vec::W;
       const Vec v = bias ? acc[i][j] + Vec::load(bias + c) : acc[i][j];
-      if (c + Vec::W <= n) {
+      if (DT == DType::f32 && stream && c + Vec::W <= n &&
+          reinterpret_cast<uintptr_t>(static_cast<float*>(dst) + at + c) % (sizeof(float) * Vec::W) == 0) {
+        v.stream(static_cast<float*>(dst) + at + c);
+      } else if (c + Vec::W <= n) {
         store_vec<DT>(dst, at + c, v);
       } else if (c < n) {
         float tail[Vec::W];
@@ -166,9 +170,10 @@ void lrl_fwd(const LowRankLinearParams& p, int64_t begin, int64_t end, float* sc
     const int64_t r0 = tile * kLrlRows, rows = min64(kLrlRows, p.M - r0);
     lrl_hidden(p, lrl_rows_of_x<DT>(p, r0, rows, staging), nullptr, A);
     lrl_product(A, p.rp, p.vt, p.dop, p.r, p.dop, rows, [&](int64_t i0, int64_t o0, auto& acc) {
-      lrl_store<DT>(acc, p.b2, p.y, r0, i0, rows, o0, p.d_out);
+      lrl_store<DT>(acc, p.b2, p.y, r0, i0, rows, o0, p.d_out, p.stream_y);
     });
   }
+  if (p.stream_y) _mm_sfence();  // streamed stores are weakly ordered: complete them before y is read
 }
 
 // W[k][c0 + j W] += sum_i S[i ls + k] * R[i][j] for k < K: a rank-MR update of K rows of a weight gradient, with
@@ -239,7 +244,7 @@ void lrl_bwd(const LowRankLinearParams& p, int64_t begin, int64_t end, float* sc
       }
     });
     lrl_product(D, p.rp, p.up, p.dinp, p.r, p.dinp, rows, [&](int64_t i0, int64_t k0, auto& acc) {  // dx = dt U
-      lrl_store<DT>(acc, nullptr, p.dx, r0, i0, rows, k0, p.d_in);
+      lrl_store<DT>(acc, nullptr, p.dx, r0, i0, rows, k0, p.d_in, false);
     });
     lrl_rank_update(dv, p.rp, G, p.dop, p.d_out, A, p.rp, p.rp, rows);   // dV += g^T act(t)
     lrl_rank_update(dut, p.rp, X, p.d_in, p.d_in, D, p.rp, p.rp, rows);  // dU^T += x^T dt

@@ -60,6 +60,8 @@ struct Vec {
     return {_mm512_cvtph_ps(h)};
   }
   void store(float* p) const { _mm512_storeu_ps(p, v); }
+  // Non-temporal store (bypasses the caches, no read-for-ownership); p must be 64-byte aligned.
+  void stream(float* p) const { _mm512_stream_ps(p, v); }
   // Round to fp16 / bf16 (nearest even; a NaN stays a quiet NaN) and store 16 values.
   void store(uint16_t* p, bool bf16) const {
     __m256i h;
@@ -114,6 +116,7 @@ struct Vec {
     return {_mm256_cvtph_ps(h)};
   }
   void store(float* p) const { _mm256_storeu_ps(p, v); }
+  void stream(float* p) const { _mm256_stream_ps(p, v); }
   void store(uint16_t* p, bool bf16) const {
     __m128i h;
     if (bf16) {
@@ -172,6 +175,7 @@ struct Vec {
   static Vec load(const float* p) { return {*p}; }
   static Vec load(const uint16_t* p, bool bf16) { return {half_bits_to_float(*p, bf16)}; }
   void store(float* p) const { *p = v; }
+  void stream(float* p) const { *p = v; }
   void store(uint16_t* p, bool bf16) const { *p = float_to_half_bits(v, bf16); }
   static Vec fma(Vec a, Vec b, Vec c) { return {a.v * b.v + c.v}; }
   static Vec max(Vec a, Vec b) { return {a.v > b.v ? a.v : b.v}; }
