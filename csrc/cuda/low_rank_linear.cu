@@ -107,26 +107,35 @@ __device__ __forceinline__ void store_tile(const float (&acc)[4][4], T* dst, con
   }
 }
 
+// Stages rows [r0, r0 + R) x columns [c0, c0 + C) of a row-major [rmax, cmax] matrix (leading dim ld) into shared
+// memory in fp32, zeros outside it: at dst[i][j], or at dst[j][i] when TRANSPOSE. Threads walk the source row-wise,
+// so global reads coalesce.
+template <bool TRANSPOSE, int R, int C, typename T, int LD>
+__device__ __forceinline__ void stage(float (*dst)[LD], const void* src, int64_t ld, int64_t r0, int64_t rmax,
+                                      int64_t c0, int64_t cmax) {
+  const T* m = static_cast<const T*>(src);
+  for (int e = threadIdx.x; e < R * C; e += kThreads) {
+    const int i = e / C, j = e % C;
+    const float x = r0 + i < rmax && c0 + j < cmax ? to_float(m[(r0 + i) * ld + c0 + j]) : 0.f;
+    if (TRANSPOSE) {
+      dst[j][i] = x;
+    } else {
+      dst[i][j] = x;
+    }
+  }
+}
+
 // acc (this thread's 4 x CT tile of t = x U^T, rows 4 ty.., columns CT tx..) over all of d_in; no bias.
 template <typename T, int RP>
 __device__ __forceinline__ void hidden_product(const Params& p, Smem<RP>& s, int64_t row0, float (&acc)[4][RP / 16]) {
   constexpr int CT = RP / 16;
-  const int tid = threadIdx.x;
-  const T* x = static_cast<const T*>(p.x);
-  const T* u = static_cast<const T*>(p.u);
 #pragma unroll
   for (int i = 0; i < 4; ++i)
 #pragma unroll
     for (int j = 0; j < CT; ++j) acc[i][j] = 0.f;
   for (int k0 = 0; k0 < p.d_in; k0 += kSlice) {
-    for (int e = tid; e < kRows * kSlice; e += kThreads) {
-      const int r = e / kSlice, k = e % kSlice;
-      s.stage.a.x[r][k] = row0 + r < p.M && k0 + k < p.d_in ? to_float(x[(row0 + r) * p.d_in + k0 + k]) : 0.f;
-    }
-    for (int e = tid; e < RP * kSlice; e += kThreads) {
-      const int c = e / kSlice, k = e % kSlice;
-      s.stage.a.ut[k][c] = c < p.r && k0 + k < p.d_in ? to_float(u[static_cast<int64_t>(c) * p.d_in + k0 + k]) : 0.f;
-    }
+    stage<false, kRows, kSlice, T>(s.stage.a.x, p.x, p.d_in, row0, p.M, k0, p.d_in);
+    stage<true, RP, kSlice, T>(s.stage.a.ut, p.u, p.d_in, 0, p.r, k0, p.d_in);
     __syncthreads();
     tile_fma<CT>(acc, s.stage.a.x, s.stage.a.ut, kSlice);
     __syncthreads();
@@ -137,7 +146,7 @@ template <typename T, int RP>
 __global__ void __launch_bounds__(kThreads, 2) lrl_fwd_kernel(Params p) {
   constexpr int CT = RP / 16;
   __shared__ Smem<RP> s;
-  const int tid = threadIdx.x, ty = tid / 16, tx = tid % 16;
+  const int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kRows;
   float acc[4][CT];
   hidden_product<T, RP>(p, s, row0, acc);
@@ -149,13 +158,9 @@ __global__ void __launch_bounds__(kThreads, 2) lrl_fwd_kernel(Params p) {
       s.hid[4 * ty + i][c] = activation(acc[i][j] + bias_at<T>(p.b1, c, p.r), p.act);
     }
   __syncthreads();
-  const T* v = static_cast<const T*>(p.v);
   T* y = static_cast<T*>(p.y);
   for (int n0 = 0; n0 < p.d_out; n0 += kCols) {
-    for (int e = tid; e < RP * kCols; e += kThreads) {
-      const int n = e / RP, k = e % RP;
-      s.stage.vt[k][n] = n0 + n < p.d_out && k < p.r ? to_float(v[static_cast<int64_t>(n0 + n) * p.r + k]) : 0.f;
-    }
+    stage<true, kCols, RP, T>(s.stage.vt, p.v, p.r, n0, p.d_out, 0, p.r);
     __syncthreads();
     float out[4][4] = {};
     tile_fma<4>(out, s.hid, s.stage.vt, RP);
@@ -168,7 +173,7 @@ template <typename T, int RP>
 __global__ void __launch_bounds__(kThreads, 2) lrl_bwd_kernel(Params p) {
   constexpr int CT = RP / 16;
   __shared__ Smem<RP> s;
-  const int tid = threadIdx.x, ty = tid / 16, tx = tid % 16;
+  const int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kRows;
   T* hidden = static_cast<T*>(p.hidden);
   T* dt = static_cast<T*>(p.dt);
@@ -186,17 +191,9 @@ __global__ void __launch_bounds__(kThreads, 2) lrl_bwd_kernel(Params p) {
       acc[i][j] = 0.f;  // reused for da
     }
   }
-  const T* g = static_cast<const T*>(p.g);
-  const T* v = static_cast<const T*>(p.v);
   for (int n0 = 0; n0 < p.d_out; n0 += kSlice) {  // da = g V
-    for (int e = tid; e < kRows * kSlice; e += kThreads) {
-      const int r = e / kSlice, n = e % kSlice;
-      s.stage.b.g[r][n] = row0 + r < p.M && n0 + n < p.d_out ? to_float(g[(row0 + r) * p.d_out + n0 + n]) : 0.f;
-    }
-    for (int e = tid; e < kSlice * RP; e += kThreads) {
-      const int n = e / RP, c = e % RP;
-      s.stage.b.v[n][c] = n0 + n < p.d_out && c < p.r ? to_float(v[static_cast<int64_t>(n0 + n) * p.r + c]) : 0.f;
-    }
+    stage<false, kRows, kSlice, T>(s.stage.b.g, p.g, p.d_out, row0, p.M, n0, p.d_out);
+    stage<false, kSlice, RP, T>(s.stage.b.v, p.v, p.r, n0, p.d_out, 0, p.r);
     __syncthreads();
     tile_fma<CT>(acc, s.stage.b.g, s.stage.b.v, kSlice);
     __syncthreads();
@@ -213,13 +210,9 @@ __global__ void __launch_bounds__(kThreads, 2) lrl_bwd_kernel(Params p) {
     }
   }
   __syncthreads();
-  const T* u = static_cast<const T*>(p.u);
   T* dx = static_cast<T*>(p.dx);
   for (int k0 = 0; k0 < p.d_in; k0 += kCols) {  // dx = dt U
-    for (int e = tid; e < RP * kCols; e += kThreads) {
-      const int c = e / kCols, k = e % kCols;
-      s.stage.u[c][k] = c < p.r && k0 + k < p.d_in ? to_float(u[static_cast<int64_t>(c) * p.d_in + k0 + k]) : 0.f;
-    }
+    stage<false, RP, kCols, T>(s.stage.u, p.u, p.d_in, 0, p.r, k0, p.d_in);
     __syncthreads();
     float out[4][4] = {};
     tile_fma<4>(out, s.hid, s.stage.u, RP);
