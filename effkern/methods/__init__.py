@@ -14,6 +14,17 @@ def write_json(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
+def write_safetensors(path: Path, tensors: dict, metadata: dict | None = None) -> None:
+    """Save ``tensors`` (made contiguous) to ``path`` atomically (temp file + rename), creating its folder."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: t.contiguous() for k, t in tensors.items()}, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
 def resume_rows(out: Path, config: dict) -> list[dict]:
     """The rows of ``out/results.json`` when ``out/config.json`` holds the same ``config`` (a rerun of the same
     flow resumes from them), else none; then writes ``config`` there (atomically)."""

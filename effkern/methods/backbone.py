@@ -21,11 +21,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from timm.models.vision_transformer import VisionTransformer
 from tqdm.auto import tqdm
 
 from effkern.data.vision import fashion_mnist, mnist
+from effkern.methods import write_safetensors
 
 VIT_CONFIG = dict(img_size=32, patch_size=4, in_chans=1, embed_dim=128, depth=6, num_heads=4, mlp_ratio=4.0,
                   num_classes=0)
@@ -120,7 +121,5 @@ def pretrain_backbone(out: str | os.PathLike | None = None, *, epochs: int = 4, 
         torch.save(dict(vit=vit.state_dict(), head=head.state_dict(), opt=opt.state_dict(),
                         sched=sched.state_dict(), epoch=epoch + 1), tmp)
         os.replace(tmp, ckpt)
-    tmp = out.with_name(out.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, tmp)
-    os.replace(tmp, out)
+    write_safetensors(out, vit.state_dict())
     return out

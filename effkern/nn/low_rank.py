@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from effkern.ops import low_rank_embedding, low_rank_linear
-from effkern.ops.low_rank_embedding import check_ids
+from effkern.ops.low_rank_embedding import bag_lookup, check_ids
 from effkern.ops.low_rank_linear import ACTIVATIONS
 
 
@@ -83,12 +83,8 @@ class LowRankEmbedding(nn.Module):
 
     def compressed(self, ids: torch.Tensor) -> torch.Tensor:
         """The bags' k-wide compressed rows ``[B, F, k]`` (sum or mean, as ``forward`` reduces them)."""
-        ids = ids if ids.dim() == 3 else ids[..., None]
-        check_ids(ids, self.offsets, self.table.shape[0])
-        valid = ids >= 0
-        rows = self.table[(self.offsets.view(1, -1, 1) + ids.clamp_min(0))] * valid[..., None]
-        out = rows.sum(2)
-        return out / valid.sum(-1, keepdim=True).clamp_min(1) if self.mode == "mean" else out
+        check_ids(ids if ids.dim() == 3 else ids[..., None], self.offsets, self.table.shape[0])
+        return bag_lookup(self.table, ids, self.offsets, self.mode == "mean")
 
     def extra_repr(self) -> str:
         return f"fields={len(self.vocab_sizes)}, rows={sum(self.vocab_sizes)}, dim={self.dim}, rank={self.rank}"

@@ -25,15 +25,28 @@ from effkern.ops._checks import FLOAT_DTYPES, INDEX_DTYPES, bounds_checkable, ch
 MODES = ("sum", "mean")
 
 
+def bag_rows(ids: torch.Tensor, offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(table rows ``[B, F, L]`` of ids ``[B, F]`` or ``[B, F, L]`` in one table of all fields, which of them are
+    real ids ``[B, F, L]``; -1 pads a bag)."""
+    ids = ids if ids.dim() == 3 else ids[..., None]
+    return offsets.view(1, -1, 1) + ids.clamp_min(0).long(), ids >= 0
+
+
+def bag_lookup(table: torch.Tensor, ids: torch.Tensor, offsets: torch.Tensor, mean: bool) -> torch.Tensor:
+    """Each bag's table rows summed (or averaged; an empty bag gives zeros), ``[B, F, k]``: plain torch, for the
+    uncompressed tables and the compressed rows a layer reads directly."""
+    rows, valid = bag_rows(ids, offsets)
+    out = (table[rows] * valid[..., None]).sum(2)
+    return out / valid.sum(-1, keepdim=True).clamp_min(1) if mean else out
+
+
 def _bags(ids, table, offsets, mean: bool):
     """(rows [B, F, L] table rows, valid [B, F, L], scaled bag sums [B, F, k] fp32, c [B, F], s [B, F])."""
-    valid = ids >= 0
-    rows = offsets.view(1, -1, 1) + ids.clamp_min(0)
+    rows, valid = bag_rows(ids, offsets)
     n = valid.sum(-1).float()
-    esum = (table.float()[rows] * valid[..., None]).sum(2)
     c = (n > 0).float() if mean else n
     s = 1 / n.clamp_min(1) if mean else torch.ones_like(n)
-    return rows, valid, esum * s[..., None], c, s
+    return rows, valid, bag_lookup(table.float(), ids, offsets, mean), c, s
 
 
 def reference(ids, table, offsets, u, mu, mean: bool) -> torch.Tensor:

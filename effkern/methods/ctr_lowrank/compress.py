@@ -23,6 +23,7 @@ from torch import nn
 
 from effkern.methods.ctr_lowrank.models import CTRModel, DCNv2
 from effkern.nn import LowRankEmbedding, LowRankLinear
+from effkern.ops.low_rank_embedding import bag_rows
 
 VARIANTS = ("exact", "act")
 
@@ -59,9 +60,8 @@ class FieldStats:
     counts: torch.Tensor
 
     def update(self, ids: torch.Tensor, offsets: torch.Tensor) -> None:
-        ids = ids if ids.dim() == 3 else ids[..., None]
-        rows = (offsets.view(1, -1, 1) + ids.clamp_min(0).long())[ids >= 0]
-        self.counts += torch.bincount(rows, minlength=self.counts.numel()).double()
+        rows, valid = bag_rows(ids, offsets)
+        self.counts += torch.bincount(rows[valid], minlength=self.counts.numel()).double()
 
 
 @dataclass

@@ -14,15 +14,15 @@ measured for original and every compressed variant, the latter through effkern's
 
 from __future__ import annotations
 
-import os
+import copy
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from effkern.data.ctr import DATASETS, load_ctr
-from effkern.methods import plot_grouped_bars, resume_rows, write_json
+from effkern.methods import plot_grouped_bars, resume_rows, write_json, write_safetensors
 from effkern.methods.ctr_lowrank.compress import VARIANTS, collect_stats, compress_model
 from effkern.methods.ctr_lowrank.models import MODELS, count_params, make_model
 from effkern.methods.ctr_lowrank.train import evaluate, throughputs, train_ctr
@@ -73,10 +73,7 @@ def _original(cfg: CTRCompressConfig, data, name: str, checkpoint: Path):
         return model, None
     history = train_ctr(model, data, epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, patience=cfg.patience,
                         seed=cfg.seed, progress=cfg.progress)
-    checkpoint.parent.mkdir(parents=True, exist_ok=True)
-    tmp = checkpoint.with_name(checkpoint.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp)
-    os.replace(tmp, checkpoint)
+    write_safetensors(checkpoint, model.state_dict())
     return model, len(history)
 
 
@@ -98,8 +95,7 @@ def _rows(cfg: CTRCompressConfig, dataset: str, model_name: str, out: Path) -> l
         rows.append(dict(variant=f"compressed_{variant}", **evaluate(compressed, *test),
                          params=count_params(compressed), epochs=len(history)))
         timed[f"compressed_{variant}"] = compressed
-    control = make_model(model_name, data.vocab_sizes, cfg.dim, cfg.hidden)
-    control.load_state_dict(model.state_dict())
+    control = copy.deepcopy(model)
     history = train_ctr(control, data, **finetune)
     rows.append(dict(variant="original_finetuned", **evaluate(control, *test), params=count_params(control),
                      epochs=len(history)))

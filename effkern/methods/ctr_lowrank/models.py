@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from effkern.ops.low_rank_embedding import bag_lookup
+
 MODELS = ("deepfm", "dcnv2", "autoint")
 
 
@@ -35,10 +37,7 @@ class FieldEmbedding(nn.Module):
         self.register_buffer("offsets", torch.tensor([0, *vocab_sizes[:-1]]).cumsum(0), persistent=False)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        ids = ids if ids.dim() == 3 else ids[..., None]
-        valid = ids >= 0
-        rows = self.weight[self.offsets.view(1, -1, 1) + ids.clamp_min(0).long()] * valid[..., None]
-        return rows.sum(2) / valid.sum(-1, keepdim=True).clamp_min(1)
+        return bag_lookup(self.weight, ids, self.offsets, mean=True)
 
 
 def mlp(d_in: int, hidden: tuple[int, ...]) -> nn.Sequential:

@@ -13,6 +13,7 @@ from sklearn.metrics import log_loss, roc_auc_score
 from tqdm.auto import tqdm
 
 from effkern.data.ctr import CTRData
+from effkern.ops.low_rank_embedding import bag_rows
 
 
 @torch.no_grad()
@@ -76,9 +77,8 @@ def _embedding_penalty(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tenso
     """Mean over the batch of the squared norms of the looked-up embedding rows (compressed rows when compressed)."""
     emb = model.embedding
     table = emb.table if hasattr(emb, "table") else emb.weight
-    ids = ids if ids.dim() == 3 else ids[..., None]
-    rows = table[(emb.offsets.view(1, -1, 1) + ids.clamp_min(0).long())[ids >= 0]]
-    return rows.square().sum() / ids.shape[0]
+    rows, valid = bag_rows(ids, emb.offsets)
+    return table[rows[valid]].square().sum() / ids.shape[0]
 
 
 @torch.no_grad()

@@ -16,13 +16,14 @@ batch and a rerun resumes from the last checkpoint.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
+
+from effkern.methods import write_safetensors
 
 
 @dataclass
@@ -43,11 +44,7 @@ class KVStats:
             tensors[f"{i}.v"], tensors[f"{i}.k_pre"], tensors[f"{i}.k_post"] = self.v[i], self.k_pre[i], self.k_post[i]
             tensors[f"{i}.k_freq_re"], tensors[f"{i}.k_freq_im"] = self.k_freq[i].real, self.k_freq[i].imag
         meta = {"tokens": str(self.tokens), "blocks": str(self.blocks), "layers": str(len(self.v))}
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        save_file({k: t.contiguous() for k, t in tensors.items()}, str(tmp), metadata=meta)
-        os.replace(tmp, path)
+        write_safetensors(path, tensors, meta)
 
     @classmethod
     def load(cls, path: Path) -> KVStats:
