@@ -1,8 +1,11 @@
 // Host-side helpers of the CPU kernels (ATen allowed here, never in the per-ISA kernel headers).
 #pragma once
 
+#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
+
+#include <vector>
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <xmmintrin.h>
@@ -35,5 +38,19 @@ class FlushDenormals {
   unsigned saved_;
 #endif
 };
+
+// fn(begin, end, scratch, thread) over chunks of [0, n) on ATen's thread pool (at least `grain` items a chunk).
+// Each chunk gets `scratch_floats` floats of scratch of its own and the index of the thread running it, below
+// at::get_num_threads(), for kernels that accumulate into per-thread slices.
+template <typename Fn>
+void parallel_chunks(int64_t n, int64_t grain, int64_t scratch_floats, Fn&& fn) {
+  const int64_t threads = at::get_num_threads();
+  at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
+    const int64_t thread = at::get_thread_num();
+    TORCH_CHECK(thread < threads, "parallel_chunks: thread index ", thread, " beyond the pool's ", threads);
+    std::vector<float> scratch(scratch_floats);
+    fn(begin, end, scratch.data(), thread);
+  });
+}
 
 }  // namespace effkern::cpu

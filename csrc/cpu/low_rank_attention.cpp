@@ -31,10 +31,9 @@ void run_items(const cpu::LowRankAttnParams& p, bool backward) {
                : cpu::pick_isa(&cpu::avx512::low_rank_attn_fwd_items, &cpu::avx2::low_rank_attn_fwd_items,
                                &cpu::generic::low_rank_attn_fwd_items);
   const int64_t scratch = backward ? cpu::low_rank_attn_bwd_scratch(p) : cpu::low_rank_attn_fwd_scratch(p);
-  at::parallel_for(0, p.K * p.B * p.H, 1, [&](int64_t begin, int64_t end) {
+  cpu::parallel_chunks(p.K * p.B * p.H, 1, scratch, [&](int64_t begin, int64_t end, float* buf, int64_t) {
     const cpu::FlushDenormals ftz;
-    std::vector<float> buf(scratch);
-    fn(p, begin, end, buf.data());
+    fn(p, begin, end, buf);
   });
 }
 

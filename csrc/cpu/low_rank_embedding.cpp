@@ -6,7 +6,6 @@
 #include <ATen/ops/zeros.h>
 
 #include <algorithm>
-#include <vector>
 
 #include "../ops.h"
 #include "host.h"
@@ -58,10 +57,8 @@ at::Tensor low_rank_embedding_fwd_cpu(const at::Tensor& ids, const at::Tensor& t
   p.out = out.data_ptr();
   const auto fn = cpu::pick_isa(&cpu::avx512::low_rank_embedding_fwd_rows, &cpu::avx2::low_rank_embedding_fwd_rows,
                                 &cpu::generic::low_rank_embedding_fwd_rows);
-  at::parallel_for(0, p.B, grain(p), [&](int64_t begin, int64_t end) {
-    std::vector<float> scratch(cpu::low_rank_embedding_scratch(p));
-    fn(p, begin, end, scratch.data());
-  });
+  cpu::parallel_chunks(p.B, grain(p), cpu::low_rank_embedding_scratch(p),
+                       [&](int64_t begin, int64_t end, float* scratch, int64_t) { fn(p, begin, end, scratch); });
   return out;
 }
 
@@ -83,12 +80,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> low_rank_embedding_bwd_cpu(const 
   p.dtable = dtable.data_ptr<float>(), p.dut = dut.data_ptr<float>(), p.dmu = dmu.data_ptr<float>();
   const auto fn = cpu::pick_isa(&cpu::avx512::low_rank_embedding_bwd_rows, &cpu::avx2::low_rank_embedding_bwd_rows,
                                 &cpu::generic::low_rank_embedding_bwd_rows);
-  at::parallel_for(0, p.B, grain(p), [&](int64_t begin, int64_t end) {
-    const int64_t thread = at::get_thread_num();
-    TORCH_CHECK(thread < threads, "low_rank_embedding_bwd_cpu: thread index out of range");
-    std::vector<float> scratch(cpu::low_rank_embedding_scratch(p));
-    fn(p, begin, end, scratch.data(), thread);
-  });
+  cpu::parallel_chunks(p.B, grain(p), cpu::low_rank_embedding_scratch(p),
+                       [&](int64_t begin, int64_t end, float* scratch, int64_t thread) {
+                         fn(p, begin, end, scratch, thread);
+                       });
   const auto dtype = table.scalar_type();
   return {dtable.sum(0).to(dtype), dut.sum(0).narrow(2, 0, p.d).transpose(1, 2).to(dtype).contiguous(),
           dmu.sum(0).narrow(1, 0, p.d).to(dtype).contiguous()};

@@ -5,8 +5,6 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 
-#include <vector>
-
 #include "../ops.h"
 #include "host.h"
 #include "low_rank_linear.h"
@@ -73,10 +71,8 @@ at::Tensor low_rank_linear_fwd_cpu(const at::Tensor& x, const at::Tensor& u, con
   p.stream_y = p.M * p.d_out * static_cast<int64_t>(sizeof(float)) >= kStreamBytes;
   const auto fn = cpu::pick_isa(&cpu::avx512::low_rank_linear_fwd_tiles, &cpu::avx2::low_rank_linear_fwd_tiles,
                                 &cpu::generic::low_rank_linear_fwd_tiles);
-  at::parallel_for(0, tiles(p.M), 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scratch(cpu::low_rank_linear_fwd_scratch(p));
-    fn(p, begin, end, scratch.data());
-  });
+  cpu::parallel_chunks(tiles(p.M), 1, cpu::low_rank_linear_fwd_scratch(p),
+                       [&](int64_t begin, int64_t end, float* scratch, int64_t) { fn(p, begin, end, scratch); });
   return y;
 }
 
@@ -98,12 +94,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> low_rank_
   p.db2 = db2.data_ptr<float>();
   const auto fn = cpu::pick_isa(&cpu::avx512::low_rank_linear_bwd_tiles, &cpu::avx2::low_rank_linear_bwd_tiles,
                                 &cpu::generic::low_rank_linear_bwd_tiles);
-  at::parallel_for(0, tiles(p.M), 1, [&](int64_t begin, int64_t end) {
-    const int64_t thread = at::get_thread_num();
-    TORCH_CHECK(thread < threads, "low_rank_linear_bwd_cpu: thread index out of range");
-    std::vector<float> scratch(cpu::low_rank_linear_bwd_scratch(p));
-    fn(p, begin, end, scratch.data(), thread);
-  });
+  cpu::parallel_chunks(tiles(p.M), 1, cpu::low_rank_linear_bwd_scratch(p),
+                       [&](int64_t begin, int64_t end, float* scratch, int64_t thread) {
+                         fn(p, begin, end, scratch, thread);
+                       });
   const auto dtype = x.scalar_type();
   return {dx,
           dut.sum(0).narrow(1, 0, p.r).t().to(dtype).contiguous(),

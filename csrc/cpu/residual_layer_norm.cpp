@@ -18,10 +18,8 @@ namespace {
 int64_t grain(int64_t d) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(d, 1)); }
 
 void run_rows(const cpu::ResidualLayerNormParams& p, cpu::ResidualLayerNormRowsFn fn) {
-  at::parallel_for(0, p.rows, grain(p.d), [&](int64_t begin, int64_t end) {
-    std::vector<float> scratch(cpu::residual_layer_norm_scratch(p));
-    fn(p, begin, end, scratch.data());
-  });
+  cpu::parallel_chunks(p.rows, grain(p.d), cpu::residual_layer_norm_scratch(p),
+                       [&](int64_t begin, int64_t end, float* scratch, int64_t) { fn(p, begin, end, scratch); });
 }
 
 }  // namespace
