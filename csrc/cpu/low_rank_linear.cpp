@@ -5,6 +5,9 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 
+#include <algorithm>
+#include <utility>
+
 #include "../ops.h"
 #include "host.h"
 #include "low_rank_linear.h"
@@ -12,20 +15,21 @@
 namespace effkern {
 namespace {
 
-// fp32 [rows_p][cols_p] holding m (rows x cols) at the top left, zeros elsewhere.
-at::Tensor padded(const at::Tensor& m, int64_t rows_p, int64_t cols_p) {
-  at::Tensor out = at::zeros({rows_p, cols_p}, m.options().dtype(at::kFloat));
-  out.narrow(0, 0, m.size(0)).narrow(1, 0, m.size(1)).copy_(m);
-  return out;
+// Copies m ([rows][cols] or [cols], any float dtype and strides) as fp32 to the top left of dst [dst_rows][ld],
+// transposed when asked (dst[c][r] = m[r][c]); every other float of dst is zero. Plain loops into one buffer: the
+// weights are packed on every call, and ATen's zeros + copy_ per weight cost ~35 us (measured at M = 24 rows).
+void pack(const at::Tensor& m, bool transpose, int64_t dst_rows, int64_t ld, float* dst) {
+  const at::Tensor f = (m.dim() == 1 ? m.unsqueeze(0) : m).to(at::kFloat);
+  const float* src = f.const_data_ptr<float>();
+  const int64_t rows = f.size(0), cols = f.size(1), s0 = f.stride(0), s1 = f.stride(1);
+  std::fill(dst, dst + dst_rows * ld, 0.f);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) dst[transpose ? c * ld + r : r * ld + c] = src[r * s0 + c * s1];
 }
-
-struct Packed {
-  at::Tensor ut, b1, vt, b2, up, vp;
-};
 
 cpu::LowRankLinearParams make_params(const at::Tensor& x, const at::Tensor& u, const std::optional<at::Tensor>& b1,
                                      const at::Tensor& v, const std::optional<at::Tensor>& b2, int64_t act,
-                                     bool backward, Packed& keep, const char* op) {
+                                     bool backward, at::Tensor& packed, const char* op) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), op, ": x must be a contiguous [M, d_in] tensor");
   TORCH_CHECK(u.dim() == 2 && v.dim() == 2 && u.size(1) == x.size(1) && v.size(1) == u.size(0), op,
               ": u must be [r, d_in] and v [d_out, r]");
@@ -38,17 +42,24 @@ cpu::LowRankLinearParams make_params(const at::Tensor& x, const at::Tensor& u, c
   p.dinp = cpu::low_rank_linear_padded(p.d_in);
   p.act = static_cast<cpu::LowRankAct>(act);
   p.dtype = cpu::dtype_of(x, op);
-  keep.ut = padded(u.t(), p.d_in, p.rp);
-  keep.b1 = b1 ? padded(b1->reshape({1, p.r}), 1, p.rp) : at::zeros({1, p.rp}, x.options().dtype(at::kFloat));
-  p.ut = keep.ut.data_ptr<float>(), p.b1 = keep.b1.data_ptr<float>();
+  // forward: U^T, b1, V^T, b2; backward: U^T, b1, U, V
+  const int64_t n_ut = p.d_in * p.rp, n_second = backward ? p.r * p.dinp : p.r * p.dop;
+  const int64_t n_third = backward ? p.d_out * p.rp : p.dop;
+  packed = at::empty({n_ut + p.rp + n_second + n_third}, x.options().dtype(at::kFloat));
+  float* cursor = packed.data_ptr<float>();
+  auto take = [&](int64_t n) { return std::exchange(cursor, cursor + n); };
+  float *ut = take(n_ut), *bias1 = take(p.rp), *second = take(n_second), *third = take(n_third);
+  pack(u, true, p.d_in, p.rp, ut);
+  b1 ? pack(*b1, false, 1, p.rp, bias1) : std::fill(bias1, bias1 + p.rp, 0.f);
+  p.ut = ut, p.b1 = bias1;
   if (backward) {
-    keep.up = padded(u, p.r, p.dinp);
-    keep.vp = padded(v, p.d_out, p.rp);
-    p.up = keep.up.data_ptr<float>(), p.vp = keep.vp.data_ptr<float>();
+    pack(u, false, p.r, p.dinp, second);
+    pack(v, false, p.d_out, p.rp, third);
+    p.up = second, p.vp = third;
   } else {
-    keep.vt = padded(v.t(), p.r, p.dop);
-    keep.b2 = b2 ? padded(b2->reshape({1, p.d_out}), 1, p.dop) : at::zeros({1, p.dop}, x.options().dtype(at::kFloat));
-    p.vt = keep.vt.data_ptr<float>(), p.b2 = keep.b2.data_ptr<float>();
+    pack(v, true, p.r, p.dop, second);
+    b2 ? pack(*b2, false, 1, p.dop, third) : std::fill(third, third + p.dop, 0.f);
+    p.vt = second, p.b2 = third;
   }
   p.x = x.data_ptr();
   return p;
@@ -62,13 +73,14 @@ int64_t tiles(int64_t rows) { return (rows + cpu::kLowRankLinearRows - 1) / cpu:
 
 at::Tensor low_rank_linear_fwd_cpu(const at::Tensor& x, const at::Tensor& u, const std::optional<at::Tensor>& b1,
                                    const at::Tensor& v, const std::optional<at::Tensor>& b2, int64_t act) {
-  Packed keep;
-  cpu::LowRankLinearParams p = make_params(x, u, b1, v, b2, act, false, keep, "low_rank_linear_fwd_cpu");
+  at::Tensor packed;
+  cpu::LowRankLinearParams p = make_params(x, u, b1, v, b2, act, false, packed, "low_rank_linear_fwd_cpu");
   at::Tensor y = at::empty({p.M, p.d_out}, x.options());
   p.y = y.data_ptr();
   // An output far larger than the L2s leaves the caches anyway: skipping its read-for-ownership saves a third of
   // the kernel's memory traffic (measured: 400 -> 32 -> 400 at batch 4096 went from 0.9x to 1.16x the torch pair).
-  p.stream_y = p.M * p.d_out * static_cast<int64_t>(sizeof(float)) >= kStreamBytes;
+  p.stream_y = p.M * p.d_out * static_cast<int64_t>(sizeof(float)) >= kStreamBytes &&
+               p.dtype == cpu::DType::f32 && p.d_out % 16 == 0 && reinterpret_cast<uintptr_t>(p.y) % 64 == 0;
   const auto fn = cpu::pick_isa(&cpu::avx512::low_rank_linear_fwd_tiles, &cpu::avx2::low_rank_linear_fwd_tiles,
                                 &cpu::generic::low_rank_linear_fwd_tiles);
   cpu::parallel_chunks(tiles(p.M), 1, cpu::low_rank_linear_fwd_scratch(p),
@@ -79,8 +91,8 @@ at::Tensor low_rank_linear_fwd_cpu(const at::Tensor& x, const at::Tensor& u, con
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> low_rank_linear_bwd_cpu(
     const at::Tensor& x, const at::Tensor& u, const std::optional<at::Tensor>& b1, const at::Tensor& v,
     const at::Tensor& g, int64_t act) {
-  Packed keep;
-  cpu::LowRankLinearParams p = make_params(x, u, b1, v, std::nullopt, act, true, keep, "low_rank_linear_bwd_cpu");
+  at::Tensor packed;
+  cpu::LowRankLinearParams p = make_params(x, u, b1, v, std::nullopt, act, true, packed, "low_rank_linear_bwd_cpu");
   TORCH_CHECK(g.dim() == 2 && g.is_contiguous() && g.size(0) == p.M && g.size(1) == p.d_out &&
                   g.scalar_type() == x.scalar_type(),
               "low_rank_linear_bwd_cpu: g must be a contiguous [M, d_out] tensor in x's dtype");

@@ -34,7 +34,7 @@ struct LowRankLinearParams {
   float* db1;  // [threads][rp]
   float* db2;  // [threads][dop]
   int64_t M, d_in, r, d_out, rp, dop, dinp;
-  bool stream_y;  // write y with non-temporal stores (set by the host for outputs far larger than the L2s)
+  bool stream_y;  // write y with non-temporal stores (the host: fp32, far larger than the L2s, 64-byte rows)
   LowRankAct act;
   DType dtype;
 };

@@ -26,11 +26,13 @@ constexpr int lrl_rows() {
 // acc[i][j] = sum_k A[i lda + k] * B[k ldb + j W] for MR rows and NV vectors of columns.
 template <int MR, int NV>
 inline void lrl_gemm(const float* A, int64_t lda, const float* B, int64_t ldb, int64_t K, Vec (&acc)[MR][NV]) {
+  EFFKERN_UNROLL
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < NV; ++j) acc[i][j] = Vec::zero();
   for (int64_t k = 0; k < K; ++k) {
     Vec b[NV];
     for (int j = 0; j < NV; ++j) b[j] = Vec::load(B + k * ldb + j * Vec::W);
+    EFFKERN_UNROLL
     for (int i = 0; i < MR; ++i) {
       const Vec a = Vec::set1(A[i * lda + k]);
       for (int j = 0; j < NV; ++j) acc[i][j] = Vec::fma(a, b[j], acc[i][j]);
@@ -86,18 +88,35 @@ inline const float* lrl_rows_of_x(const LowRankLinearParams& p, int64_t r0, int6
 }
 
 // Stores acc (+ bias) as rows [r0 + i0, ...) of dst [M][n], columns [c0, c0 + NV W) clipped to n; only rows
-// below `rows` of the tile.
+// below `rows` of the tile. `stream` (fp32, n a multiple of 16, dst 64-byte aligned: the host checks) writes a whole
+// micro-tile with streaming stores.
 template <DType DT, int MR, int NV>
 inline void lrl_store(const Vec (&acc)[MR][NV], const float* bias, void* dst, int64_t r0, int64_t i0, int64_t rows,
                       int64_t c0, int64_t n, bool stream) {
-  for (int64_t i = 0; i < MR && i0 + i < rows; ++i) {
+  Vec add[NV];
+  for (int j = 0; j < NV; ++j) add[j] = bias ? Vec::load(bias + c0 + j * Vec::W) : Vec::zero();
+  if (i0 + MR <= rows && c0 + NV * Vec::W <= n) {  // a whole micro-tile: no tails
+    EFFKERN_UNROLL
+    for (int i = 0; i < MR; ++i) {
+      const int64_t at = (r0 + i0 + i) * n + c0;
+      for (int j = 0; j < NV; ++j) {
+        if (DT == DType::f32 && stream) {
+          (acc[i][j] + add[j]).stream(static_cast<float*>(dst) + at + j * Vec::W);
+        } else {
+          store_vec<DT>(dst, at + j * Vec::W, acc[i][j] + add[j]);
+        }
+      }
+    }
+    return;
+  }
+  EFFKERN_UNROLL  // rolled, this loop's runtime index into acc would keep all of acc on the stack
+  for (int i = 0; i < MR; ++i) {
     const int64_t at = (r0 + i0 + i) * n;
     for (int j = 0; j < NV; ++j) {
       const int64_t c = c0 + j * Vec::W;
-      const Vec v = bias ? acc[i][j] + Vec::load(bias + c) : acc[i][j];
-      if (DT == DType::f32 && stream && c + Vec::W <= n &&
-          reinterpret_cast<uintptr_t>(static_cast<float*>(dst) + at + c) % (sizeof(float) * Vec::W) == 0) {
-        v.stream(static_cast<float*>(dst) + at + c);
+      const Vec v = acc[i][j] + add[j];
+      if (i0 + i >= rows) {
+        break;
       } else if (c + Vec::W <= n) {
         store_vec<DT>(dst, at + c, v);
       } else if (c < n) {
@@ -151,6 +170,7 @@ inline void lrl_hidden(const LowRankLinearParams& p, const float* X, float* T, f
   lrl_product(X, p.d_in, p.ut, p.rp, p.d_in, p.rp, kLrlRows, [&](int64_t i0, int64_t c0, auto& acc) {
     constexpr int MR = std::extent_v<std::remove_reference_t<decltype(acc)>, 0>;
     constexpr int NV = std::extent_v<std::remove_reference_t<decltype(acc)>, 1>;
+    EFFKERN_UNROLL
     for (int i = 0; i < MR; ++i) {
       for (int j = 0; j < NV; ++j) {
         const int64_t c = (i0 + i) * p.rp + c0 + j * Vec::W;
@@ -185,6 +205,7 @@ inline void lrl_accumulate(float* W, int64_t ldw, int64_t c0, const float* S, in
     float* w = W + k * ldw + c0;
     Vec acc[NV];
     for (int j = 0; j < NV; ++j) acc[j] = Vec::load(w + j * Vec::W);
+    EFFKERN_UNROLL
     for (int i = 0; i < MR; ++i) {
       const Vec s = Vec::set1(S[i * ls + k]);
       for (int j = 0; j < NV; ++j) acc[j] = Vec::fma(s, R[i][j], acc[j]);
@@ -201,6 +222,7 @@ inline void lrl_rank_update(float* W, int64_t ldw, const float* S, int64_t ls, i
     constexpr int NV = decltype(nv)::value, MR = lrl_rows<NV>();
     for (int64_t i0 = 0; i0 < rows; i0 += MR) {
       Vec R[MR][NV];
+      EFFKERN_UNROLL
       for (int i = 0; i < MR; ++i)
         for (int j = 0; j < NV; ++j) R[i][j] = Vec::load(M + (i0 + i) * ld + c0 + j * Vec::W);
       lrl_accumulate<MR, NV>(W, ldw, c0, S + i0 * ls, ls, K, R);
@@ -236,6 +258,7 @@ void lrl_bwd(const LowRankLinearParams& p, int64_t begin, int64_t end, float* sc
     lrl_product(G, p.dop, p.vp, p.rp, p.d_out, p.rp, kLrlRows, [&](int64_t i0, int64_t c0, auto& acc) {
       constexpr int MR = std::extent_v<std::remove_reference_t<decltype(acc)>, 0>;
       constexpr int NV = std::extent_v<std::remove_reference_t<decltype(acc)>, 1>;
+      EFFKERN_UNROLL
       for (int i = 0; i < MR; ++i) {  // dt = (g V) * act'(t)
         for (int j = 0; j < NV; ++j) {
           const int64_t c = (i0 + i) * p.rp + c0 + j * Vec::W;
