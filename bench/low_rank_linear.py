@@ -1,12 +1,15 @@
-"""Microbenchmark of effkern.ops.low_rank_linear (``act(x U^T + b1) V^T + b2``) against the unfused torch pair
-``F.linear(act(F.linear(x, U, b1)), V, b2)`` that a compressed model runs without effkern, on the CTR models'
-shapes: the 400-wide DNN layers at ranks 16 / 32 / 64 and the first layers after the embedding fold (MovieLens:
-8 fields x 8 -> 400, KDD-04: 74 x 8 -> 400), at the inference batch 4096 and the training batch 1024.
+"""Microbenchmark of effkern.ops.low_rank_linear (``out_act(act(x U^T + b1) V^T + b2)``) against the unfused torch
+ops ``out_act(F.linear(act(F.linear(x, U, b1)), V, b2))`` that a compressed model runs without effkern, on the CTR
+models' shapes: the 400-wide DNN layers at ranks 16 / 32 / 64 and the first layers after the embedding fold
+(MovieLens: 8 fields x 8 -> 400, KDD-04: 74 x 8 -> 400), at the inference batch 4096 and the training batch 1024.
+The compressed DNN's layers (exact variant) are ``act = none, out_act = relu``: the factorised linear and the
+MLP's own ReLU; the rows with ``act = relu, out_act = none`` time the op as the bare torch pair.
 
 Rows: median time of the forward (no autograd) and of forward + backward (gradients of x and all weights), the
-candidates timed in turn (``interleaved_times``: this VM's speed drifts), the speedups over the torch pair, and
-the forward's FLOP rate as a fraction of this machine's fp32 matmul rate
-(a 2048^3 torch.mm) measured in the same run.
+candidates timed in turn (``interleaved_times``: this VM's speed drifts), the speedups over the torch ops, the
+forward's FLOP rate as a fraction of this machine's fp32 matmul rate (a 2048^3 torch.mm) measured in the same run,
+and ``fwd_ceiling``: the speedup over the torch ops of a kernel running at that matmul rate (both do the same
+FLOPs, so a fused kernel beats the torch ops by more only by beating the machine's GEMM).
 
     python bench/low_rank_linear.py [--quick] [--json PATH]
 """
@@ -33,7 +36,7 @@ def matmul_flops(device: str) -> float:
     return 2 * 2048**3 / median_time(lambda: a @ a, device)
 
 
-def bench_shape(m, d_in, r, d_out, act, device, peak, backends):
+def bench_shape(m, d_in, r, d_out, act, out_act, device, peak, backends):
     torch.manual_seed(0)
     x = torch.randn(m, d_in, device=device, requires_grad=True)
     u = (torch.randn(r, d_in, device=device) / d_in**0.5).requires_grad_()
@@ -44,12 +47,12 @@ def bench_shape(m, d_in, r, d_out, act, device, peak, backends):
     inputs = (x, u, v, b1, b2)
 
     def torch_pair():
-        return F.linear(ACT[act](F.linear(x, u, b1)), v, b2)
+        return ACT[out_act](F.linear(ACT[act](F.linear(x, u, b1)), v, b2))
 
     def fused(name):
         def run():
             with use_backend(name):
-                return low_rank_linear(x, u, v, b1, b2, act)
+                return low_rank_linear(x, u, v, b1, b2, act, out_act)
         return run
 
     candidates = {"torch": torch_pair, **{name: fused(name) for name in backends}}
@@ -64,9 +67,10 @@ def bench_shape(m, d_in, r, d_out, act, device, peak, backends):
     both = interleaved_times({name: lambda fn=fn: torch.autograd.grad(fn(), inputs, g)
                               for name, fn in candidates.items()}, device)
     flops = 2 * m * r * (d_in + d_out)
-    rows = [dict(backend=name, M=m, d_in=d_in, r=r, d_out=d_out, act=act, fwd_ms=fwd[name] * 1e3,
+    rows = [dict(backend=name, M=m, d_in=d_in, r=r, d_out=d_out, act=act, out_act=out_act, fwd_ms=fwd[name] * 1e3,
                  fwd_bwd_ms=both[name] * 1e3, fwd_gflops=flops / fwd[name] / 1e9,
-                 frac_of_matmul=flops / fwd[name] / peak) for name in candidates]
+                 frac_of_matmul=flops / fwd[name] / peak, fwd_ceiling=peak * fwd["torch"] / flops)
+            for name in candidates]
     base = rows[0]
     for row in rows:
         row["fwd_speedup"] = base["fwd_ms"] / row["fwd_ms"]
@@ -80,13 +84,14 @@ def main(argv=None) -> list[dict]:
     print(f"device {args.device}, threads {torch.get_num_threads()}, fp32 matmul {peak / 1e9:.0f} GFLOP/s, "
           f"effkern backends {backends}")
     if args.quick:
-        grid = [(4096, 400, 32, 400, "relu")]
+        grid = [(4096, 400, 32, 400, "none", "relu")]
     else:
-        grid = [(m, 400, r, 400, "relu") for m in (4096, 1024) for r in (16, 32, 64)]
-        grid += [(4096, 64, 32, 400, "none"), (4096, 592, 32, 400, "none")]
+        grid = [(m, 400, r, 400, "none", "relu") for m in (4096, 1024) for r in (16, 32, 64)]
+        grid += [(4096, 64, 32, 400, "none", "relu"), (4096, 592, 32, 400, "none", "relu")]
+        grid += [(4096, 400, r, 400, "relu", "none") for r in (16, 32, 64)]
     return run_shapes(grid, lambda *shape: bench_shape(*shape, args.device, peak, backends),
-                      ["backend", "M", "d_in", "r", "d_out", "act", "fwd_ms", "fwd_speedup", "fwd_bwd_ms",
-                       "fwd_bwd_speedup", "fwd_gflops", "frac_of_matmul"], args.json)
+                      ["backend", "M", "d_in", "r", "d_out", "act", "out_act", "fwd_ms", "fwd_speedup",
+                       "fwd_bwd_ms", "fwd_bwd_speedup", "fwd_gflops", "frac_of_matmul", "fwd_ceiling"], args.json)
 
 
 if __name__ == "__main__":

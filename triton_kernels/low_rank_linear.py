@@ -71,8 +71,8 @@ def _hidden(x_ptr, u_ptr, b1_ptr, rows, offs_r, n_rows, d_in, rank, HAS_B1: tl.c
 
 @triton.jit
 def _lrl_fwd_kernel(x_ptr, u_ptr, b1_ptr, v_ptr, b2_ptr, y_ptr, n_rows, d_in, rank, d_out, HAS_B1: tl.constexpr,
-                    HAS_B2: tl.constexpr, ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-                    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr):
+                    HAS_B2: tl.constexpr, ACT: tl.constexpr, RELU_OUT: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_r = tl.arange(0, BLOCK_R)
     t = _hidden(x_ptr, u_ptr, b1_ptr, rows, offs_r, n_rows, d_in, rank, HAS_B1, BLOCK_M, BLOCK_K, BLOCK_R, DOT_F32)
@@ -84,6 +84,8 @@ def _lrl_fwd_kernel(x_ptr, u_ptr, b1_ptr, v_ptr, b2_ptr, y_ptr, n_rows, d_in, ra
         y = _dot(a, vt, DOT_F32)
         if HAS_B2:
             y += tl.load(b2_ptr + ns, mask=ns < d_out, other=0.0).to(tl.float32)[None, :]
+        if RELU_OUT:
+            y = tl.maximum(y, 0.0)
         tl.store(y_ptr + rows[:, None].to(tl.int64) * d_out + ns[None, :], y.to(y_ptr.dtype.element_ty),
                  mask=(rows < n_rows)[:, None] & (ns < d_out)[None, :])
 
@@ -137,8 +139,8 @@ def _dummy(x: torch.Tensor, t: torch.Tensor | None) -> torch.Tensor:
     return x if t is None else t
 
 
-def low_rank_linear_fwd_triton(x, u, b1, v, b2, act: int) -> torch.Tensor:
-    """y [M, d_out] from contiguous x [M, d_in], u [r, d_in], v [d_out, r] and optional biases."""
+def low_rank_linear_fwd_triton(x, u, b1, v, b2, act: int, out_act: int) -> torch.Tensor:
+    """y [M, d_out] from contiguous x [M, d_in], u [r, d_in], v [d_out, r] and optional biases; out_act 1 = relu."""
     m, d_in = x.shape
     rank, d_out = u.shape[0], v.shape[0]
     u, v = u.contiguous(), v.contiguous()
@@ -146,8 +148,8 @@ def low_rank_linear_fwd_triton(x, u, b1, v, b2, act: int) -> torch.Tensor:
     if m:
         c = kernel_constexprs(x.dtype, rank, act, b1 is not None, interpreting())
         _lrl_fwd_kernel[(triton.cdiv(m, c["BLOCK_M"]),)](
-            x, u, _dummy(u, b1), v, _dummy(v, b2), y, m, d_in, rank, d_out, HAS_B2=b2 is not None, **c,
-            num_warps=NUM_WARPS)
+            x, u, _dummy(u, b1), v, _dummy(v, b2), y, m, d_in, rank, d_out, HAS_B2=b2 is not None,
+            RELU_OUT=out_act == 1, **c, num_warps=NUM_WARPS)
     return y
 
 

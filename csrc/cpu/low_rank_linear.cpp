@@ -72,11 +72,14 @@ int64_t tiles(int64_t rows) { return (rows + cpu::kLowRankLinearRows - 1) / cpu:
 }  // namespace
 
 at::Tensor low_rank_linear_fwd_cpu(const at::Tensor& x, const at::Tensor& u, const std::optional<at::Tensor>& b1,
-                                   const at::Tensor& v, const std::optional<at::Tensor>& b2, int64_t act) {
+                                   const at::Tensor& v, const std::optional<at::Tensor>& b2, int64_t act,
+                                   int64_t out_act) {
+  TORCH_CHECK(out_act == 0 || out_act == 1, "low_rank_linear_fwd_cpu: out_act must be 0 (none) or 1 (relu)");
   at::Tensor packed;
   cpu::LowRankLinearParams p = make_params(x, u, b1, v, b2, act, false, packed, "low_rank_linear_fwd_cpu");
   at::Tensor y = at::empty({p.M, p.d_out}, x.options());
   p.y = y.data_ptr();
+  p.relu_y = out_act == 1;
   // An output far larger than the L2s leaves the caches anyway: skipping its read-for-ownership saves a third of
   // the kernel's memory traffic (measured: 400 -> 32 -> 400 at batch 4096 went from 0.9x to 1.16x the torch pair).
   p.stream_y = p.M * p.d_out * static_cast<int64_t>(sizeof(float)) >= kStreamBytes &&

@@ -1,4 +1,4 @@
-// Fused low-rank linear y = act(x U^T + b1) V^T + b2 on the CPU: torch-free parameters and per-ISA entry points.
+// Fused low-rank linear y = out_act(act(x U^T + b1) V^T + b2) on the CPU: torch-free parameters and per-ISA entry points.
 #pragma once
 
 #include <cstdint>
@@ -34,6 +34,7 @@ struct LowRankLinearParams {
   float* db1;  // [threads][rp]
   float* db2;  // [threads][dop]
   int64_t M, d_in, r, d_out, rp, dop, dinp;
+  bool relu_y;    // y = relu(...) (the forward's out_act)
   bool stream_y;  // write y with non-temporal stores (the host: fp32, far larger than the L2s, 64-byte rows)
   LowRankAct act;
   DType dtype;

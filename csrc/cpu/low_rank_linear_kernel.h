@@ -1,7 +1,7 @@
 // Fused low-rank linear, compiled once per ISA (see simd.h for the inclusion protocol).
 //
 // Work item = a tile of kLrlRows rows of x. Forward: t = x U^T + b1, bias and activation in registers, act(t)
-// kept in L1 scratch (never in memory), then y = act(t) V^T + b2. Every product is one register-tiled
+// kept in L1 scratch (never in memory), then y = act(t) V^T + b2 (relu'd in registers when asked). Every product is one register-tiled
 // micro-kernel: per k, NV vector loads of a packed weight row, one broadcast per tile row, MR * NV FMAs into
 // kLrlAcc accumulators; the tile's height MR = kLrlAcc / NV grows as its width shrinks (AVX-512: 6 x 4, 8 x 3,
 // 12 x 2, 24 x 1 vectors), so a narrow rank (16: one vector) still does 24 FMAs per weight load. An output far
@@ -87,12 +87,12 @@ inline const float* lrl_rows_of_x(const LowRankLinearParams& p, int64_t r0, int6
   return staging;
 }
 
-// Stores acc (+ bias) as rows [r0 + i0, ...) of dst [M][n], columns [c0, c0 + NV W) clipped to n; only rows
-// below `rows` of the tile. `stream` (fp32, n a multiple of 16, dst 64-byte aligned: the host checks) writes a whole
+// Stores acc (+ bias, then relu when asked) as rows [r0 + i0, ...) of dst [M][n], columns [c0, c0 + NV W) clipped
+// to n; only rows below `rows` of the tile. `stream` (fp32, n a multiple of 16, dst 64-byte aligned: the host checks) writes a whole
 // micro-tile with streaming stores.
 template <DType DT, int MR, int NV>
 inline void lrl_store(const Vec (&acc)[MR][NV], const float* bias, void* dst, int64_t r0, int64_t i0, int64_t rows,
-                      int64_t c0, int64_t n, bool stream) {
+                      int64_t c0, int64_t n, bool relu, bool stream) {
   Vec add[NV];
   for (int j = 0; j < NV; ++j) add[j] = bias ? Vec::load(bias + c0 + j * Vec::W) : Vec::zero();
   if (i0 + MR <= rows && c0 + NV * Vec::W <= n) {  // a whole micro-tile: no tails
@@ -100,10 +100,11 @@ inline void lrl_store(const Vec (&acc)[MR][NV], const float* bias, void* dst, in
     for (int i = 0; i < MR; ++i) {
       const int64_t at = (r0 + i0 + i) * n + c0;
       for (int j = 0; j < NV; ++j) {
+        const Vec v = relu ? Vec::max(acc[i][j] + add[j], Vec::zero()) : acc[i][j] + add[j];
         if (DT == DType::f32 && stream) {
-          (acc[i][j] + add[j]).stream(static_cast<float*>(dst) + at + j * Vec::W);
+          v.stream(static_cast<float*>(dst) + at + j * Vec::W);
         } else {
-          store_vec<DT>(dst, at + j * Vec::W, acc[i][j] + add[j]);
+          store_vec<DT>(dst, at + j * Vec::W, v);
         }
       }
     }
@@ -114,7 +115,7 @@ inline void lrl_store(const Vec (&acc)[MR][NV], const float* bias, void* dst, in
     const int64_t at = (r0 + i0 + i) * n;
     for (int j = 0; j < NV; ++j) {
       const int64_t c = c0 + j * Vec::W;
-      const Vec v = acc[i][j] + add[j];
+      const Vec v = relu ? Vec::max(acc[i][j] + add[j], Vec::zero()) : acc[i][j] + add[j];
       if (i0 + i >= rows) {
         break;
       } else if (c + Vec::W <= n) {
@@ -190,7 +191,7 @@ void lrl_fwd(const LowRankLinearParams& p, int64_t begin, int64_t end, float* sc
     const int64_t r0 = tile * kLrlRows, rows = min64(kLrlRows, p.M - r0);
     lrl_hidden(p, lrl_rows_of_x<DT>(p, r0, rows, staging), nullptr, A);
     lrl_product(A, p.rp, p.vt, p.dop, p.r, p.dop, rows, [&](int64_t i0, int64_t o0, auto& acc) {
-      lrl_store<DT>(acc, p.b2, p.y, r0, i0, rows, o0, p.d_out, p.stream_y);
+      lrl_store<DT>(acc, p.b2, p.y, r0, i0, rows, o0, p.d_out, p.relu_y, p.stream_y);
     });
   }
   if (p.stream_y) _mm_sfence();  // streamed stores are weakly ordered: complete them before y is read
@@ -267,7 +268,7 @@ void lrl_bwd(const LowRankLinearParams& p, int64_t begin, int64_t end, float* sc
       }
     });
     lrl_product(D, p.rp, p.up, p.dinp, p.r, p.dinp, rows, [&](int64_t i0, int64_t k0, auto& acc) {  // dx = dt U
-      lrl_store<DT>(acc, nullptr, p.dx, r0, i0, rows, k0, p.d_in, false);
+      lrl_store<DT>(acc, nullptr, p.dx, r0, i0, rows, k0, p.d_in, false, false);
     });
     lrl_rank_update(dv, p.rp, G, p.dop, p.d_out, A, p.rp, p.rp, rows);   // dV += g^T act(t)
     lrl_rank_update(dut, p.rp, X, p.d_in, p.d_in, D, p.rp, p.rp, rows);  // dU^T += x^T dt

@@ -326,9 +326,12 @@ gpu::LowRankLinearArgs low_rank_linear_args(const at::Tensor& x, const at::Tenso
 }  // namespace
 
 at::Tensor low_rank_linear_fwd_cuda(const at::Tensor& x, const at::Tensor& u, const std::optional<at::Tensor>& b1,
-                                    const at::Tensor& v, const std::optional<at::Tensor>& b2, int64_t act) {
+                                    const at::Tensor& v, const std::optional<at::Tensor>& b2, int64_t act,
+                                    int64_t out_act) {
   constexpr const char* op = "low_rank_linear_fwd_cuda";
+  TORCH_CHECK(out_act == 0 || out_act == 1, op, ": out_act must be 0 (none) or 1 (relu)");
   gpu::LowRankLinearArgs a = low_rank_linear_args(x, u, b1, v, act, op);
+  a.relu_out = out_act == 1;
   a.b2 = optional_ptr(b2, x, op, "b2");
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor y = at::empty({a.M, a.d_out}, x.options());

@@ -35,6 +35,7 @@ struct Params {
   void* hidden;
   void* dt;
   int M, d_in, r, d_out, act;
+  bool relu_out;
 };
 
 __device__ __forceinline__ float activation(float t, int act) {
@@ -90,11 +91,11 @@ __device__ __forceinline__ float bias_at(const void* b, int c, int n) {
   return b != nullptr && c < n ? to_float(static_cast<const T*>(b)[c]) : 0.f;
 }
 
-// dst[row][c] = acc (+ bias[c]) for this thread's 4 x 4 tile at rows row0 + 4 ty.., columns c0 + 4 tx.. of a
-// [M, n] matrix, inside its bounds.
+// dst[row][c] = acc (+ bias[c], then relu when asked) for this thread's 4 x 4 tile at rows row0 + 4 ty..,
+// columns c0 + 4 tx.. of a [M, n] matrix, inside its bounds.
 template <typename T>
-__device__ __forceinline__ void store_tile(const float (&acc)[4][4], T* dst, const void* bias, int64_t row0, int c0,
-                                           int M, int n) {
+__device__ __forceinline__ void store_tile(const float (&acc)[4][4], T* dst, const void* bias, bool relu,
+                                           int64_t row0, int c0, int M, int n) {
   const int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
@@ -102,7 +103,8 @@ __device__ __forceinline__ void store_tile(const float (&acc)[4][4], T* dst, con
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       const int c = c0 + 4 * tx + j;
-      if (row < M && c < n) dst[row * n + c] = from_float<T>(acc[i][j] + bias_at<T>(bias, c, n));
+      const float out = acc[i][j] + bias_at<T>(bias, c, n);
+      if (row < M && c < n) dst[row * n + c] = from_float<T>(relu ? fmaxf(out, 0.f) : out);
     }
   }
 }
@@ -164,7 +166,7 @@ __global__ void __launch_bounds__(kThreads, 2) lrl_fwd_kernel(Params p) {
     __syncthreads();
     float out[4][4] = {};
     tile_fma<4>(out, s.hid, s.stage.vt, RP);
-    store_tile<T>(out, y, p.b2, row0, n0, p.M, p.d_out);
+    store_tile<T>(out, y, p.b2, p.relu_out, row0, n0, p.M, p.d_out);
     __syncthreads();
   }
 }
@@ -216,7 +218,7 @@ __global__ void __launch_bounds__(kThreads, 2) lrl_bwd_kernel(Params p) {
     __syncthreads();
     float out[4][4] = {};
     tile_fma<4>(out, s.hid, s.stage.u, RP);
-    store_tile<T>(out, dx, nullptr, row0, k0, p.M, p.d_in);
+    store_tile<T>(out, dx, nullptr, false, row0, k0, p.M, p.d_in);
     __syncthreads();
   }
 }
@@ -235,7 +237,7 @@ cudaError_t check(const LowRankLinearArgs& a, bool backward, const char** why) {
 template <typename T>
 cudaError_t launch_typed(const LowRankLinearArgs& a, bool backward, cudaStream_t stream) {
   const Params p{a.x, a.u, a.b1, a.v, a.b2, a.y, a.g, a.dx, a.hidden, a.dt, static_cast<int>(a.M),
-                 static_cast<int>(a.d_in), static_cast<int>(a.r), static_cast<int>(a.d_out), a.act};
+                 static_cast<int>(a.d_in), static_cast<int>(a.r), static_cast<int>(a.d_out), a.act, a.relu_out};
   const dim3 grid(static_cast<unsigned>((a.M + kRows - 1) / kRows));
   auto run = [&](auto kernel) { kernel<<<grid, kThreads, 0, stream>>>(p); };
   if (a.r <= 16) {

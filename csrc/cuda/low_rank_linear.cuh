@@ -32,6 +32,7 @@ struct LowRankLinearArgs {
   void* dt = nullptr;                 // [M, r] (backward)
   int64_t M = 0, d_in = 0, r = 0, d_out = 0;
   int act = 0;
+  bool relu_out = false;  // forward: y = relu(act(t) V^T + b2)
 };
 
 // Check the arguments and enqueue the kernel on `stream`. Return cudaSuccess, cudaErrorInvalidValue when a check

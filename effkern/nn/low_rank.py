@@ -10,27 +10,31 @@ from torch import nn
 
 from effkern.ops import low_rank_embedding, low_rank_linear
 from effkern.ops.low_rank_embedding import bag_lookup, check_ids
-from effkern.ops.low_rank_linear import ACTIVATIONS
+from effkern.ops.low_rank_linear import ACTIVATIONS, OUT_ACTIVATIONS
 
 
 class LowRankLinear(nn.Module):
-    """``act(x U^T + b1) V^T + b2``: a ``d_in -> d_out`` linear through rank ``rank``, fused (the rank-r hidden
-    layer never reaches memory). ``activation="none"`` is an exact factorisation of a linear map.
+    """``out_act(act(x U^T + b1) V^T + b2)``: a ``d_in -> d_out`` linear through rank ``rank``, fused (the rank-r
+    hidden layer never reaches memory). ``activation="none"`` is an exact factorisation of a linear map;
+    ``out_activation="relu"`` is that map followed by a ReLU (an MLP layer and its activation in one pass).
 
     Parameters ``u [rank, d_in]``, ``b1 [rank]``, ``v [d_out, rank]``, ``b2 [d_out]`` (biases optional).
     :meth:`from_factors` builds one from given tensors (e.g. a compressed ``nn.Linear``).
     """
 
     def __init__(self, in_features: int, out_features: int, rank: int, activation: str = "none", bias: bool = True,
-                 device=None, dtype=None):
+                 device=None, dtype=None, out_activation: str = "none"):
         super().__init__()
         if min(in_features, out_features, rank) < 1:
             raise ValueError(f"in_features, out_features and rank must be >= 1, got {in_features}, {out_features}, "
                              f"{rank}")
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+        if out_activation not in OUT_ACTIVATIONS:
+            raise ValueError(f"out_activation must be one of {OUT_ACTIVATIONS}, got {out_activation!r}")
         kw = dict(device=device, dtype=dtype)
         self.in_features, self.out_features, self.rank, self.activation = in_features, out_features, rank, activation
+        self.out_activation = out_activation
         self.u = nn.Parameter(torch.empty(rank, in_features, **kw))
         self.v = nn.Parameter(torch.empty(out_features, rank, **kw))
         self.b1 = nn.Parameter(torch.zeros(rank, **kw)) if bias else None
@@ -40,12 +44,13 @@ class LowRankLinear(nn.Module):
 
     @classmethod
     def from_factors(cls, u: torch.Tensor, v: torch.Tensor, b1: torch.Tensor | None = None,
-                     b2: torch.Tensor | None = None, activation: str = "none") -> LowRankLinear:
+                     b2: torch.Tensor | None = None, activation: str = "none",
+                     out_activation: str = "none") -> LowRankLinear:
         """A layer holding copies of ``u [r, d_in]``, ``v [d_out, r]`` and the biases (both or neither)."""
         if (b1 is None) != (b2 is None):
             raise ValueError("give both biases b1 and b2 or neither")
         layer = cls(u.shape[1], v.shape[0], u.shape[0], activation, bias=b1 is not None, device=u.device,
-                    dtype=u.dtype)
+                    dtype=u.dtype, out_activation=out_activation)
         with torch.no_grad():
             for name, t in (("u", u), ("v", v), ("b1", b1), ("b2", b2)):
                 if t is not None:
@@ -53,11 +58,11 @@ class LowRankLinear(nn.Module):
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return low_rank_linear(x, self.u, self.v, self.b1, self.b2, self.activation)
+        return low_rank_linear(x, self.u, self.v, self.b1, self.b2, self.activation, self.out_activation)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
-                f"activation={self.activation}, bias={self.b1 is not None}")
+                f"activation={self.activation}, out_activation={self.out_activation}, bias={self.b1 is not None}")
 
 
 class LowRankEmbedding(nn.Module):

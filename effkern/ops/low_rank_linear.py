@@ -1,8 +1,11 @@
-"""``effkern.ops.low_rank_linear``: a dense layer factorised through rank r, fused: ``y = act(x U^T + b1) V^T + b2``.
+"""``effkern.ops.low_rank_linear``: a dense layer factorised through rank r, fused:
+``y = out_act(act(x U^T + b1) V^T + b2)``.
 
 The compressed MLP layer of CTR low-rank compression (PAPERS.md E: ``W ~= U_k U_k^T W`` written as two linears,
-``act`` = none for the exact variant, the layer's own activation for ``_act``). ``U: [r, d_in]``, ``V: [d_out, r]``
-(``nn.Linear`` weight layouts), ``act`` in none / relu / gelu (exact, erf-based, as ``F.gelu``).
+``act`` = none for the exact variant, the layer's own activation for ``_act``; ``out_act`` = the activation that
+follows the compressed layer in the MLP, fused into the output's store instead of a separate pass over the
+``[M, d_out]`` output). ``U: [r, d_in]``, ``V: [d_out, r]`` (``nn.Linear`` weight layouts), ``act`` in none / relu /
+gelu (exact, erf-based, as ``F.gelu``), ``out_act`` none or relu (its backward, ``g * (y > 0)``, needs only y).
 
 Fused: the rank-r hidden layer is never written to memory. The C++ CPU kernel runs both products over tiles of 6
 rows of x held in fp32 registers/L1 (its own AVX-512 / AVX2 micro-kernel on weights packed once per call), the
@@ -25,6 +28,7 @@ from effkern.ops import _backend
 from effkern.ops._checks import FLOAT_DTYPES, check_same_dtype, check_tensor
 
 ACTIVATIONS = ("none", "relu", "gelu")  # the kernels' act codes are the indices
+OUT_ACTIVATIONS = ("none", "relu")  # out_act codes, the same way
 
 
 def _act(t: torch.Tensor, act: int) -> torch.Tensor:
@@ -45,10 +49,10 @@ def _hidden(x, u, b1, act):
     return t, _act(t, act)
 
 
-def reference(x, u, b1, v, b2, act: int) -> torch.Tensor:
+def reference(x, u, b1, v, b2, act: int, out_act: int) -> torch.Tensor:
     """Ground truth: ``y [M, d_out]`` in x's dtype."""
     _, a = _hidden(x, u, b1, act)
-    return F.linear(a, v.float(), None if b2 is None else b2.float()).to(x.dtype)
+    return _act(F.linear(a, v.float(), None if b2 is None else b2.float()), out_act).to(x.dtype)
 
 
 def bwd_reference(x, u, b1, v, g, act: int):
@@ -68,9 +72,9 @@ def _weight_grads(x, g, hidden, dt):
             (g.t().to(acc) @ hidden.to(acc)).to(x.dtype), g.to(acc).sum(0).to(x.dtype))
 
 
-def _native_fwd(x, u, b1, v, b2, act):
+def _native_fwd(x, u, b1, v, b2, act, out_act):
     return getattr(_backend.extension(), f"low_rank_linear_fwd_{x.device.type}")(x, u.contiguous(), b1,
-                                                                                  v.contiguous(), b2, act)
+                                                                                  v.contiguous(), b2, act, out_act)
 
 
 def _cpu_bwd(x, u, b1, v, g, act):
@@ -110,13 +114,13 @@ def _preferred(x: torch.Tensor, u: torch.Tensor) -> list[str]:
 
 @torch.library.custom_op("effkern::low_rank_linear", mutates_args=())
 def fwd_op(x: torch.Tensor, u: torch.Tensor, b1: torch.Tensor | None, v: torch.Tensor, b2: torch.Tensor | None,
-           act: int) -> torch.Tensor:
+           act: int, out_act: int) -> torch.Tensor:
     """x contiguous [M, d_in] -> y [M, d_out]."""
-    return _backend.run("low_rank_linear", x.device, _preferred(x, u), _FWD, x, u, b1, v, b2, act)
+    return _backend.run("low_rank_linear", x.device, _preferred(x, u), _FWD, x, u, b1, v, b2, act, out_act)
 
 
 @fwd_op.register_fake
-def _(x, u, b1, v, b2, act):
+def _(x, u, b1, v, b2, act, out_act):
     return x.new_empty((x.shape[0], v.shape[0]))
 
 
@@ -134,29 +138,34 @@ def _(x, u, b1, v, g, act):
 
 
 def _setup_context(ctx, inputs, output):
-    x, u, b1, v, b2, act = inputs
-    ctx.save_for_backward(x, u, b1, v)
+    x, u, b1, v, b2, act, out_act = inputs
+    ctx.save_for_backward(x, u, b1, v, output if out_act else None)
     ctx.act, ctx.has_b2 = act, b2 is not None
 
 
 def _backward(ctx, g):
-    x, u, b1, v = ctx.saved_tensors
+    x, u, b1, v, y = ctx.saved_tensors
+    if y is not None:  # relu'd output: the gradient passes where y > 0 (torch's own relu backward, one pass)
+        g = torch.ops.aten.threshold_backward(g, y, 0)
     dx, du, db1, dv, db2 = bwd_op(x, u, b1, v, g.contiguous(), ctx.act)
-    return dx, du, db1 if b1 is not None else None, dv, db2 if ctx.has_b2 else None, None
+    return dx, du, db1 if b1 is not None else None, dv, db2 if ctx.has_b2 else None, None, None
 
 
 fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def low_rank_linear(x: torch.Tensor, u: torch.Tensor, v: torch.Tensor, b1: torch.Tensor | None = None,
-                    b2: torch.Tensor | None = None, activation: str = "none") -> torch.Tensor:
-    """``act(x u^T + b1) v^T + b2`` with the rank-r hidden layer never in memory.
+                    b2: torch.Tensor | None = None, activation: str = "none",
+                    out_activation: str = "none") -> torch.Tensor:
+    """``out_act(act(x u^T + b1) v^T + b2)`` with the rank-r hidden layer never in memory.
 
     Args:
         x: ``[..., d_in]``.
         u: ``[r, d_in]`` first factor; v: ``[d_out, r]`` second factor (``nn.Linear`` weight layouts).
         b1: ``[r]`` or None; b2: ``[d_out]`` or None.
         activation: ``"none"`` (the exact factorisation), ``"relu"`` or ``"gelu"``, applied to the hidden layer.
+        out_activation: ``"none"`` or ``"relu"``, applied to the output as it is stored (an MLP's own activation
+            after a compressed layer; bit-identical to ``F.relu`` of the unfused output).
 
     Returns:
         ``[..., d_out]`` in x's dtype. Differentiable in x, u, v and the biases.
@@ -178,6 +187,9 @@ def low_rank_linear(x: torch.Tensor, u: torch.Tensor, v: torch.Tensor, b1: torch
             check_same_dtype(name, b, "x", x)
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if out_activation not in OUT_ACTIVATIONS:
+        raise ValueError(f"out_activation must be one of {OUT_ACTIVATIONS}, got {out_activation!r}")
     lead = x.shape[:-1]
-    y = fwd_op(x.reshape(-1, d_in).contiguous(), u, b1, v, b2, ACTIVATIONS.index(activation))
+    y = fwd_op(x.reshape(-1, d_in).contiguous(), u, b1, v, b2, ACTIVATIONS.index(activation),
+               OUT_ACTIVATIONS.index(out_activation))
     return y.view(*lead, v.shape[0])

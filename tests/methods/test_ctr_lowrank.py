@@ -55,13 +55,16 @@ def test_exact_variant_at_full_rank_reproduces_the_layer():
 
 @pytest.mark.parametrize("name", MODELS)
 def test_full_rank_compressed_model_computes_the_original(name):
-    """Embedding rank = d and every layer at full rank, exact variant: the folded, fused model is the original."""
+    """Embedding rank = d and every layer at full rank, exact variant: the folded, fused model is the original
+    (the DNN's ReLUs applied by its LowRankLinears)."""
     torch.manual_seed(0)
     data = synthetic()
     model = make_model(name, VOCAB, dim=8, hidden=(16, 12))
     stats = collect_stats(model, data.ids["train"])
     compressed = compress_model(model, stats, emb_rank=8, ranks=full_ranks(model))
     assert compressed.dnn_reads_compressed
+    assert [type(m).__name__ for m in compressed.dnn] == ["LowRankLinear", "Identity"] * 2
+    assert all(m.out_activation == "relu" for m in compressed.dnn[::2])
     with torch.no_grad():
         assert_close(compressed(data.ids["test"]), model(data.ids["test"]))
 

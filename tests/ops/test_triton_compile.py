@@ -93,10 +93,11 @@ def variants(dtype):
     launch = dict(num_warps=meta.pop("num_warps"))
     for fn in (rln._rln_fwd_kernel, rln._rln_bwd_kernel):
         yield fn, "d768", meta, True, launch
-    # fused low-rank linear of a CTR MLP (400 -> rank 64 -> 400, ReLU; GELU at rank 20)
+    # fused low-rank linear of a CTR MLP (400 -> rank 64 -> 400, ReLU inside and out; GELU at rank 20)
     for rank, act in ((64, 1), (20, 2)):
         c = lrl.kernel_constexprs(t, rank, act, True, False)
-        yield lrl._lrl_fwd_kernel, f"r{rank}-act{act}", dict(c, HAS_B2=True), True, dict(num_warps=lrl.NUM_WARPS)
+        yield (lrl._lrl_fwd_kernel, f"r{rank}-act{act}", dict(c, HAS_B2=True, RELU_OUT=rank == 64), True,
+               dict(num_warps=lrl.NUM_WARPS))
         c = lrl.kernel_constexprs(t, rank, act, True, False, backward=True)
         yield lrl._lrl_bwd_kernel, f"r{rank}-act{act}", c, True, dict(num_warps=lrl.NUM_WARPS)
     # compressed embedding lookup: k 4 -> d 16 (bags averaged), k 16 -> d 64

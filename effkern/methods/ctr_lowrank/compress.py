@@ -161,18 +161,27 @@ def _fold_reconstruction(first: nn.Module, emb: LowRankEmbedding) -> nn.Module:
         if isinstance(first, LowRankLinear):  # compress_linear's: it has both biases
             return LowRankLinear.from_factors(folded_w.to(first.u.dtype), first.v.detach(),
                                               (first.b1.double() + shift).to(first.u.dtype), first.b2.detach(),
-                                              activation=first.activation)
+                                              activation=first.activation, out_activation=first.out_activation)
         layer = nn.Linear(fields * rank, first.out_features, dtype=first.weight.dtype)
         layer.weight.copy_(folded_w)
         layer.bias.copy_(first.bias.double() + shift)
         return layer
 
 
+def _fuse_relus(mlp: nn.Sequential) -> None:
+    """Each LowRankLinear of the MLP followed by its ReLU applies the ReLU as it stores its output (the ReLU's slot
+    becomes an Identity, so the parameter names do not change): one pass over the layer's output instead of two."""
+    for i, (layer, after) in enumerate(zip(mlp, mlp[1:], strict=False)):
+        if isinstance(layer, LowRankLinear) and layer.out_activation == "none" and isinstance(after, nn.ReLU):
+            layer.out_activation = "relu"
+            mlp[i + 1] = nn.Identity()
+
+
 def compress_model(model: CTRModel, stats: ModelStats, *, emb_rank: int, ranks: dict[str, int],
                    variant: str = "exact") -> CTRModel:
     """A compressed copy of ``model``: the embedding at ``emb_rank`` (0 keeps it), every layer named in ``ranks``
-    (:func:`compressible_layers` names; 0 keeps the layer) factorised; the first DNN layer reads the compressed rows
-    when the embedding is compressed."""
+    (:func:`compressible_layers` names; 0 keeps the layer) factorised, the DNN's ReLUs fused into them; the first
+    DNN layer reads the compressed rows when the embedding is compressed."""
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     layers = compressible_layers(model)
@@ -190,4 +199,5 @@ def compress_model(model: CTRModel, stats: ModelStats, *, emb_rank: int, ranks: 
         out.embedding = emb
         out.dnn[0] = _fold_reconstruction(out.dnn[0], emb)
         out.dnn_reads_compressed = True
+    _fuse_relus(out.dnn)
     return out
