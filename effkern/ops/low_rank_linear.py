@@ -7,9 +7,10 @@ follows the compressed layer in the MLP, fused into the output's store instead o
 ``[M, d_out]`` output). ``U: [r, d_in]``, ``V: [d_out, r]`` (``nn.Linear`` weight layouts), ``act`` in none / relu /
 gelu (exact, erf-based, as ``F.gelu``), ``out_act`` none or relu (its backward, ``g * (y > 0)``, needs only y).
 
-Fused: the rank-r hidden layer is never written to memory. The C++ CPU kernel runs both products over tiles of 6
-rows of x held in fp32 registers/L1 (its own AVX-512 / AVX2 micro-kernel on weights packed once per call), the
-bias and activation applied in registers between them; its backward recomputes the hidden layer per tile (one
+Fused: the rank-r hidden layer is never written to memory. The C++ CPU kernel runs both products over tiles of 24
+rows of x held in fp32 registers/L1 (its own AVX-512 / AVX2 micro-kernels on weights packed once per call), the
+bias and activation applied in registers between them and the output's bias and ReLU as it is stored (streaming
+stores from a 4 MiB output on); its backward recomputes the hidden layer per tile (one
 extra rank-r product instead of storing it) and accumulates the weight gradients per thread. On CUDA tensors:
 ranks up to 64 run the CUDA kernels (a block of 64 rows holds the whole hidden tile in shared memory, fp32
 FMAs), larger ranks the Triton kernels (``tl.dot``); both fuse the forward fully and the backward up to dx,

@@ -29,7 +29,9 @@ def test_low_rank_linear_activation_and_training():
     assert_close(layer(x), F.linear(F.relu(F.linear(x, layer.u, layer.b1)), layer.v, layer.b2))
     layer(x).sum().backward()
     assert all(p.grad is not None for p in layer.parameters())
-    assert "rank=3, activation=relu" in repr(layer)
+    assert "rank=3, activation=relu, out_activation=none" in repr(layer)
+    fused = LowRankLinear.from_factors(layer.u, layer.v, layer.b1, layer.b2, out_activation="relu")
+    assert_close(fused(x), F.relu(F.linear(F.linear(x, layer.u, layer.b1), layer.v, layer.b2)))
 
 
 def test_low_rank_embedding_reconstructs_and_compresses():
@@ -50,6 +52,8 @@ def test_low_rank_embedding_reconstructs_and_compresses():
 def test_bad_arguments():
     with pytest.raises(ValueError, match="activation must be one of"):
         LowRankLinear(4, 4, 2, activation="tanh")
+    with pytest.raises(ValueError, match="out_activation must be one of"):
+        LowRankLinear(4, 4, 2, out_activation="gelu")
     with pytest.raises(ValueError, match="rank must be >= 1"):
         LowRankLinear(4, 4, 0)
     with pytest.raises(ValueError, match="give both biases"):
