@@ -44,7 +44,8 @@ at::Tensor residual_layer_norm_bwd_cpu(const at::Tensor& x, const at::Tensor& rs
 // u [r, d_in], v [d_out, r], biases [r] / [d_out] or none. The backward recomputes the rank-r hidden layer and
 // returns (dx, du, db1, dv, db2).
 at::Tensor low_rank_linear_fwd_cpu(const at::Tensor& x, const at::Tensor& u, const std::optional<at::Tensor>& b1,
-                                   const at::Tensor& v, const std::optional<at::Tensor>& b2, int64_t act, int64_t out_act);
+                                   const at::Tensor& v, const std::optional<at::Tensor>& b2, int64_t act,
+                                   int64_t out_act);
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> low_rank_linear_bwd_cpu(
     const at::Tensor& x, const at::Tensor& u, const std::optional<at::Tensor>& b1, const at::Tensor& v,
     const at::Tensor& g, int64_t act);
@@ -78,7 +79,8 @@ at::Tensor low_rank_attention_bwd_cuda(const at::Tensor& qkv, const at::Tensor& 
 
 // Low-rank linear (rank <= 64): the backward returns (dx, act(t), dt), the weight gradients are GEMMs over them.
 at::Tensor low_rank_linear_fwd_cuda(const at::Tensor& x, const at::Tensor& u, const std::optional<at::Tensor>& b1,
-                                    const at::Tensor& v, const std::optional<at::Tensor>& b2, int64_t act, int64_t out_act);
+                                    const at::Tensor& v, const std::optional<at::Tensor>& b2, int64_t act,
+                                    int64_t out_act);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> low_rank_linear_bwd_cuda(const at::Tensor& x, const at::Tensor& u,
                                                                         const std::optional<at::Tensor>& b1,
                                                                         const at::Tensor& v, const at::Tensor& g,

@@ -1,4 +1,5 @@
-// Fused low-rank linear y = out_act(act(x U^T + b1) V^T + b2) on the CPU: torch-free parameters and per-ISA entry points.
+// Fused low-rank linear y = out_act(act(x U^T + b1) V^T + b2) on the CPU: torch-free parameters and per-ISA entry
+// points.
 #pragma once
 
 #include <cstdint>

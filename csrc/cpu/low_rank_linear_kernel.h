@@ -1,11 +1,12 @@
 // Fused low-rank linear, compiled once per ISA (see simd.h for the inclusion protocol).
 //
 // Work item = a tile of kLrlRows rows of x. Forward: t = x U^T + b1, bias and activation in registers, act(t)
-// kept in L1 scratch (never in memory), then y = act(t) V^T + b2 (relu'd in registers when asked). Every product is one register-tiled
-// micro-kernel: per k, NV vector loads of a packed weight row, one broadcast per tile row, MR * NV FMAs into
-// kLrlAcc accumulators; the tile's height MR = kLrlAcc / NV grows as its width shrinks (AVX-512: 6 x 4, 8 x 3,
-// 12 x 2, 24 x 1 vectors), so a narrow rank (16: one vector) still does 24 FMAs per weight load. An output far
-// larger than the L2s is written with streaming stores (no read-for-ownership; the host decides, stream_y).
+// kept in L1 scratch (never in memory), then y = act(t) V^T + b2, relu'd in registers when asked. Every product is
+// one register-tiled micro-kernel: per k, NV vector loads of a packed weight row, one broadcast per tile row,
+// MR * NV FMAs into kLrlAcc accumulators; the tile's height MR = kLrlAcc / NV grows as its width shrinks (AVX-512:
+// 6 x 4, 8 x 3, 12 x 2, 24 x 1 vectors, every tile loop fully unrolled), so a narrow rank (16: one vector) still
+// does 24 FMAs per weight load. An output far larger than the L2s is written with streaming stores (no
+// read-for-ownership; the host decides, stream_y).
 // Backward, per tile: recompute t (cheaper than writing it), da = g V, dt = da * act'(t), dx = dt U (written),
 // and accumulate this thread's dV += g^T act(t), dU^T += x^T dt, db1, db2 with a tile of act(t) / dt held in
 // registers while the weight-gradient rows stream through.
@@ -88,8 +89,8 @@ inline const float* lrl_rows_of_x(const LowRankLinearParams& p, int64_t r0, int6
 }
 
 // Stores acc (+ bias, then relu when asked) as rows [r0 + i0, ...) of dst [M][n], columns [c0, c0 + NV W) clipped
-// to n; only rows below `rows` of the tile. `stream` (fp32, n a multiple of 16, dst 64-byte aligned: the host checks) writes a whole
-// micro-tile with streaming stores.
+// to n; only rows below `rows` of the tile. `stream` (fp32, n a multiple of 16, dst 64-byte aligned: the host
+// checks) writes a whole micro-tile with streaming stores.
 template <DType DT, int MR, int NV>
 inline void lrl_store(const Vec (&acc)[MR][NV], const float* bias, void* dst, int64_t r0, int64_t i0, int64_t rows,
                       int64_t c0, int64_t n, bool relu, bool stream) {
