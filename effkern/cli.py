@@ -120,7 +120,8 @@ def main(argv: list[str] | None = None) -> None:
     last.add_argument("--quick", action="store_true", help="3 tasks, 5 epochs")
     ctr = sub.add_parser("ctr-compress", help="low-rank compression of CTR models (PAPERS.md E)")
     ctr.add_argument("--datasets", default="", help="comma-separated among movielens,kdd04,adult (default: all)")
-    ctr.add_argument("--models", default="", help="comma-separated among deepfm,dcnv2,autoint (default: all)")
+    ctr.add_argument("--models", default="", help="comma-separated among deepfm,dcnv2,autoint,fibinet (default: "
+                     "deepfm,dcnv2,autoint; fibinet is slow to train on KDD-04's 74 fields)")
     ctr.add_argument("--variants", default="", help="comma-separated among exact,act (default: both)")
     ctr.add_argument("--emb-rank", type=int, default=8, help="compressed embedding width k (0: keep the tables)")
     ctr.add_argument("--mlp-ranks", default="32,32,32", help="rank per DNN hidden layer (0: keep the layer)")

@@ -56,17 +56,34 @@ def test_exact_variant_at_full_rank_reproduces_the_layer():
 @pytest.mark.parametrize("name", MODELS)
 def test_full_rank_compressed_model_computes_the_original(name):
     """Embedding rank = d and every layer at full rank, exact variant: the folded, fused model is the original
-    (the DNN's ReLUs applied by its LowRankLinears)."""
+    (the DNN's ReLUs applied by its LowRankLinears; FiBiNET's DNN reads interactions of the reconstruction)."""
     torch.manual_seed(0)
     data = synthetic()
     model = make_model(name, VOCAB, dim=8, hidden=(16, 12))
     stats = collect_stats(model, data.ids["train"])
     compressed = compress_model(model, stats, emb_rank=8, ranks=full_ranks(model))
-    assert compressed.dnn_reads_compressed
+    assert compressed.dnn_reads_compressed == model.DNN_READS_EMBEDDINGS
     assert [type(m).__name__ for m in compressed.dnn] == ["LowRankLinear", "Identity"] * 2
     assert all(m.out_activation == "relu" for m in compressed.dnn[::2])
     with torch.no_grad():
         assert_close(compressed(data.ids["test"]), model(data.ids["test"]))
+
+
+def test_fibinet_dnn_input_is_the_papers_senet_and_bilinear_pairs():
+    """Written out: SENET weights a = relu(W2 relu(W1 mean_d(e))), v = a * e, p_ij = (e_i W_i) * e_j for i < j,
+    the DNN reads [p(e), p(v)] flattened."""
+    torch.manual_seed(0)
+    model = make_model("fibinet", VOCAB, dim=4, hidden=(8,))
+    e = torch.randn(3, len(VOCAB), 4)
+    first, second = model.senet[0], model.senet[2]
+    v = e * torch.relu(second(torch.relu(first(e.mean(-1)))))[..., None]
+
+    def pairs(t):
+        return torch.stack([(t[:, i] @ model.bilinear[i]) * t[:, j] for i in range(len(VOCAB))
+                            for j in range(i + 1, len(VOCAB))], 1)
+
+    assert_close(model.dnn_input(None, e), torch.cat([pairs(e), pairs(v)], 1).flatten(1))
+    assert model.dnn[0].in_features == len(VOCAB) * (len(VOCAB) - 1) * 4
 
 
 def test_statistics_in_chunks_equal_one_pass():

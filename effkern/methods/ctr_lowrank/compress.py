@@ -181,7 +181,7 @@ def compress_model(model: CTRModel, stats: ModelStats, *, emb_rank: int, ranks: 
                    variant: str = "exact") -> CTRModel:
     """A compressed copy of ``model``: the embedding at ``emb_rank`` (0 keeps it), every layer named in ``ranks``
     (:func:`compressible_layers` names; 0 keeps the layer) factorised, the DNN's ReLUs fused into them; the first
-    DNN layer reads the compressed rows when the embedding is compressed."""
+    DNN layer reads the compressed rows when the embedding is compressed (and the DNN reads the embeddings)."""
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     layers = compressible_layers(model)
@@ -197,7 +197,8 @@ def compress_model(model: CTRModel, stats: ModelStats, *, emb_rank: int, ranks: 
         emb = compress_embedding(model.embedding.weight, model.embedding.offsets, model.embedding.vocab_sizes,
                                  stats.fields.counts, emb_rank)
         out.embedding = emb
-        out.dnn[0] = _fold_reconstruction(out.dnn[0], emb)
-        out.dnn_reads_compressed = True
+        if model.DNN_READS_EMBEDDINGS:
+            out.dnn[0] = _fold_reconstruction(out.dnn[0], emb)
+            out.dnn_reads_compressed = True
     _fuse_relus(out.dnn)
     return out

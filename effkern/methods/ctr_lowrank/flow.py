@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 from effkern.data.ctr import DATASETS, load_ctr
 from effkern.methods import plot_grouped_bars, resume_rows, write_json, write_safetensors
 from effkern.methods.ctr_lowrank.compress import VARIANTS, collect_stats, compress_model
-from effkern.methods.ctr_lowrank.models import MODELS, count_params, make_model
+from effkern.methods.ctr_lowrank.models import DEFAULT_MODELS, MODELS, count_params, make_model
 from effkern.methods.ctr_lowrank.train import evaluate, throughputs, train_ctr
 
 
@@ -36,7 +36,7 @@ class CTRCompressConfig:
     parameters), a few CPU minutes per data set and model."""
 
     datasets: tuple[str, ...] = DATASETS
-    models: tuple[str, ...] = MODELS
+    models: tuple[str, ...] = DEFAULT_MODELS
     dim: int = 16
     hidden: tuple[int, ...] = (400, 400, 400)
     emb_rank: int = 8  # 0 keeps the embedding tables

@@ -1,4 +1,4 @@
-"""CTR models over categorical fields (``ids [B, F, L]``, bags averaged): DeepFM, DCN-v2 and AutoInt+.
+"""CTR models over categorical fields (``ids [B, F, L]``, bags averaged): DeepFM, DCN-v2, AutoInt+ and FiBiNET.
 
 Every model has the same two parts the compression (PAPERS.md E) rewrites:
 
@@ -6,11 +6,13 @@ Every model has the same two parts the compression (PAPERS.md E) rewrites:
   :class:`effkern.nn.LowRankEmbedding` (compressed rows + per-field reconstruction).
 - ``dnn``: an MLP on the flattened field embeddings ``[B, F d]`` (Linear + ReLU per hidden layer) and its output
   layer ``dnn_out``. After compression the DNN reads the compressed ``[B, F k]`` rows directly, the reconstruction
-  folded into its first layer (``dnn_reads_compressed``).
+  folded into its first layer (``dnn_reads_compressed``). FiBiNET's DNN reads its bilinear interactions instead
+  (``DNN_READS_EMBEDDINGS = False``): nothing to fold, its embeddings are reconstructed.
 
 and an interaction part that reads the (reconstructed) ``[B, F, d]`` embeddings: DeepFM's first-order weights and
 FM, DCN-v2's cross network (``x_{l+1} = x_0 * (W_l x_l + b_l) + x_l``, parallel to the DNN, as DCN-v2's "parallel"
-structure), AutoInt's multi-head self-attention over fields (with residual projections, ReLU).
+structure), AutoInt's multi-head self-attention over fields (with residual projections, ReLU), FiBiNET's
+first-order weights.
 """
 
 from __future__ import annotations
@@ -23,7 +25,10 @@ from torch import nn
 
 from effkern.ops.low_rank_embedding import bag_lookup
 
-MODELS = ("deepfm", "dcnv2", "autoint")
+MODELS = ("deepfm", "dcnv2", "autoint", "fibinet")
+# The flow's default: FiBiNET is opt-in, its DNN reading F (F - 1) d interaction features is far the slowest to
+# train on many fields (KDD-04's 74: 86,432 features, 35M parameters, ~6 s a training step of 1024 on 2 cores).
+DEFAULT_MODELS = ("deepfm", "dcnv2", "autoint")
 
 
 class FieldEmbedding(nn.Module):
@@ -51,22 +56,28 @@ def mlp(d_in: int, hidden: tuple[int, ...]) -> nn.Sequential:
 class CTRModel(nn.Module):
     """The shared embedding + DNN; subclasses add ``interaction(ids, e) -> [B]`` logits."""
 
-    def __init__(self, vocab_sizes: tuple[int, ...], dim: int = 16, hidden: tuple[int, ...] = (400, 400, 400)):
+    DNN_READS_EMBEDDINGS = True  # the DNN's input is the flattened embeddings (compression folds into its first layer)
+
+    def __init__(self, vocab_sizes: tuple[int, ...], dim: int = 16, hidden: tuple[int, ...] = (400, 400, 400),
+                 dnn_width: int | None = None):
         super().__init__()
         self.num_fields, self.dim = len(vocab_sizes), dim
         self.embedding = FieldEmbedding(vocab_sizes, dim)
-        self.dnn = mlp(self.num_fields * dim, hidden)
+        self.dnn = mlp(dnn_width or self.num_fields * dim, hidden)
         self.dnn_out = nn.Linear(hidden[-1], 1)
         self.dnn_reads_compressed = False
 
     def interaction(self, ids: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def dnn_input(self, ids: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        """``[B, dnn width]``: the flattened embeddings (the compressed rows once the reconstruction is folded)."""
+        return (self.embedding.compressed(ids) if self.dnn_reads_compressed else e).flatten(1)
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """Click logits ``[B]``."""
         e = self.embedding(ids)
-        x = self.embedding.compressed(ids) if self.dnn_reads_compressed else e
-        return self.interaction(ids, e) + self.dnn_out(self.dnn(x.flatten(1)))[:, 0]
+        return self.interaction(ids, e) + self.dnn_out(self.dnn(self.dnn_input(ids, e)))[:, 0]
 
 
 class DeepFM(CTRModel):
@@ -123,11 +134,43 @@ class AutoInt(CTRModel):
         return self.attention_out(x.flatten(1))[:, 0]
 
 
+class FiBiNET(CTRModel):
+    """Huang et al. 2019: a SENET re-weights the field embeddings (squeeze = each embedding's mean, excitation =
+    two ReLU layers through ``F / reduction``); "field-each" bilinear interactions ``(e_i W_i) * e_j`` for every
+    pair i < j, of the embeddings and of the re-weighted ones, concatenated and flattened are the DNN's input;
+    plus first-order weights."""
+
+    DNN_READS_EMBEDDINGS = False
+
+    def __init__(self, vocab_sizes, dim=16, hidden=(400, 400, 400), reduction: int = 3):
+        fields = len(vocab_sizes)
+        super().__init__(vocab_sizes, dim, hidden, dnn_width=fields * (fields - 1) * dim)
+        squeezed = max(1, fields // reduction)
+        self.senet = nn.Sequential(nn.Linear(fields, squeezed), nn.ReLU(), nn.Linear(squeezed, fields), nn.ReLU())
+        self.bilinear = nn.Parameter(torch.randn(fields, dim, dim) / math.sqrt(dim))
+        self.first_order = FieldEmbedding(vocab_sizes, 1)
+        pairs = torch.triu_indices(fields, fields, 1)
+        self.register_buffer("left", pairs[0], persistent=False)
+        self.register_buffer("right", pairs[1], persistent=False)
+
+    def _pairs(self, e: torch.Tensor) -> torch.Tensor:
+        """``[B, F (F - 1) / 2, d]``: (e_i W_i) * e_j for i < j."""
+        projected = torch.einsum("bfd,fde->bfe", e, self.bilinear)
+        return projected[:, self.left] * e[:, self.right]
+
+    def dnn_input(self, ids, e):
+        weights = self.senet(e.mean(-1))
+        return torch.cat([self._pairs(e), self._pairs(e * weights[..., None])], 1).flatten(1)
+
+    def interaction(self, ids, e):
+        return self.first_order(ids).sum((1, 2))
+
+
 def make_model(name: str, vocab_sizes: tuple[int, ...], dim: int = 16,
                hidden: tuple[int, ...] = (400, 400, 400)) -> CTRModel:
     if name not in MODELS:
         raise ValueError(f"model must be one of {MODELS}, got {name!r}")
-    return {"deepfm": DeepFM, "dcnv2": DCNv2, "autoint": AutoInt}[name](vocab_sizes, dim, hidden)
+    return {"deepfm": DeepFM, "dcnv2": DCNv2, "autoint": AutoInt, "fibinet": FiBiNET}[name](vocab_sizes, dim, hidden)
 
 
 def count_params(model: nn.Module) -> int:
