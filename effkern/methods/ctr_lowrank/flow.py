@@ -1,6 +1,6 @@
 """The CTR compression flow (`effkern ctr-compress`): train, compress by output statistics, fine-tune, measure.
 
-Per data set x model: train the original (Adam, early stopping on val AUC; checkpointed, so a rerun reuses it),
+Per data set x model: train the original (Adam, early stopping on val AUC; its weights kept, so a rerun reuses them),
 collect its statistics over the train split once, then per variant (``exact``: L1 L2 with nothing between;
 ``act``: ReLU between) compress (embedding rank ``emb_rank``, DNN hidden layers ``mlp_ranks``, DCN-v2 cross
 layers ``cross_rank``) and fine-tune ``finetune_epochs``. As a control, the original is fine-tuned with the same
@@ -9,12 +9,15 @@ budget (``original_finetuned``): the compressed models must be judged against th
 Rows of ``results.json`` (flat): dataset, model, variant (original / original_finetuned / compressed_<v>_init /
 compressed_<v>), auc, logloss (test split), params, throughput_per_s (CPU inference at ``throughput_batch``,
 measured for original and every compressed variant, the latter through effkern's kernels), epochs. Finished
-(dataset, model) rows are kept and reused on a rerun of the same config. Also ``auc.png``.
+(dataset, model) rows are kept and reused on a rerun of the same config; every training run (original, each
+variant's and the control's fine-tune) saves its state after each epoch until its pair's rows are written, so an
+interrupted run loses at most one epoch. Also ``auc.png``.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -65,22 +68,30 @@ def layer_ranks(cfg: CTRCompressConfig, model_name: str) -> dict[str, int]:
     return ranks
 
 
-def _original(cfg: CTRCompressConfig, data, name: str, checkpoint: Path):
+def _training_checkpoint(out: Path, dataset: str, model_name: str, run: str) -> Path:
+    """Where train_ctr keeps its per-epoch state for one training run of the (dataset, model) pair; run() deletes
+    the pair's once its rows are written."""
+    return out / "checkpoints" / f"{dataset}-{model_name}-{run}.train.pt"
+
+
+def _original(cfg: CTRCompressConfig, data, name: str, weights: Path, checkpoint: Path):
     torch.manual_seed(cfg.seed)
     model = make_model(name, data.vocab_sizes, cfg.dim, cfg.hidden)
-    if checkpoint.exists():
-        model.load_state_dict(load_file(checkpoint))
+    if weights.exists():
+        model.load_state_dict(load_file(weights))
         return model, None
     history = train_ctr(model, data, epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, patience=cfg.patience,
-                        seed=cfg.seed, progress=cfg.progress)
-    write_safetensors(checkpoint, model.state_dict())
+                        seed=cfg.seed, progress=cfg.progress, checkpoint=checkpoint)
+    write_safetensors(weights, model.state_dict())
     return model, len(history)
 
 
 def _rows(cfg: CTRCompressConfig, dataset: str, model_name: str, out: Path) -> list[dict]:
     data = load_ctr(dataset, seed=cfg.seed)
     test = (data.ids["test"], data.labels["test"])
-    model, epochs = _original(cfg, data, model_name, out / "checkpoints" / f"{dataset}-{model_name}.safetensors")
+    ckpt = functools.partial(_training_checkpoint, out, dataset, model_name)
+    model, epochs = _original(cfg, data, model_name, out / "checkpoints" / f"{dataset}-{model_name}.safetensors",
+                              ckpt("original"))
     rows = [dict(variant="original", **evaluate(model, *test), params=count_params(model), epochs=epochs)]
     stats = collect_stats(model, data.ids["train"])
     finetune = dict(epochs=cfg.finetune_epochs, lr=cfg.finetune_lr, batch_size=cfg.batch_size,
@@ -91,12 +102,12 @@ def _rows(cfg: CTRCompressConfig, dataset: str, model_name: str, out: Path) -> l
                                     variant=variant)
         rows.append(dict(variant=f"compressed_{variant}_init", **evaluate(compressed, *test),
                          params=count_params(compressed), epochs=0))
-        history = train_ctr(compressed, data, **finetune)
+        history = train_ctr(compressed, data, **finetune, checkpoint=ckpt(variant))
         rows.append(dict(variant=f"compressed_{variant}", **evaluate(compressed, *test),
                          params=count_params(compressed), epochs=len(history)))
         timed[f"compressed_{variant}"] = compressed
     control = copy.deepcopy(model)
-    history = train_ctr(control, data, **finetune)
+    history = train_ctr(control, data, **finetune, checkpoint=ckpt("finetuned"))
     rows.append(dict(variant="original_finetuned", **evaluate(control, *test), params=count_params(control),
                      epochs=len(history)))
     speed = throughputs(timed, data.ids["test"], cfg.throughput_batch)
@@ -120,6 +131,8 @@ def run(cfg: CTRCompressConfig) -> list[dict]:
             new = _rows(cfg, dataset, model_name, out)
             rows += new
             write_json(results_path, rows)
+            for done in (out / "checkpoints").glob(f"{dataset}-{model_name}-*.train.pt"):
+                done.unlink()
             _print_rows(new)
     _plot(rows, out / "auc.png")
     return rows

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import statistics
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -13,6 +14,7 @@ from sklearn.metrics import log_loss, roc_auc_score
 from tqdm.auto import tqdm
 
 from effkern.data.ctr import CTRData
+from effkern.methods import save_atomic
 from effkern.ops.low_rank_embedding import bag_rows
 
 
@@ -34,20 +36,32 @@ def evaluate(model: torch.nn.Module, ids: torch.Tensor, labels: torch.Tensor) ->
 
 
 def train_ctr(model: torch.nn.Module, data: CTRData, *, epochs: int, lr: float, batch_size: int = 1024,
-              emb_weight_decay: float = 1e-5, patience: int = 1, seed: int = 0, progress: bool = True) -> list[dict]:
+              emb_weight_decay: float = 1e-5, patience: int = 1, seed: int = 0, progress: bool = True,
+              checkpoint: Path | None = None) -> list[dict]:
     """Adam on the binary cross-entropy over ``data``'s train split, an L2 penalty ``emb_weight_decay`` on the
     looked-up embedding rows (as DeepCTR's l2_reg_embedding), val AUC before training and after every epoch; stops
     after ``patience`` epochs without a better val AUC and restores the best weights seen (the initial ones
     included: fine-tuning never returns a model worse on val than it started). Returns per-epoch rows (epoch,
-    train_loss, val_auc, val_logloss)."""
+    train_loss, val_auc, val_logloss). With ``checkpoint``, the whole training state is saved there (atomically)
+    after every epoch and a rerun resumes after the last saved epoch, exactly (the shuffling generator included);
+    the caller deletes it once the result is kept."""
     if epochs < 1 or lr <= 0 or batch_size < 1:
         raise ValueError(f"epochs and batch_size must be >= 1 and lr > 0, got {epochs}, {batch_size}, {lr}")
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
     ids, labels = data.ids["train"], data.labels["train"]
     g = torch.Generator().manual_seed(seed)
-    best, best_state = evaluate(model, data.ids["val"], data.labels["val"])["auc"], copy.deepcopy(model.state_dict())
-    history, stale = [], 0
-    bar = tqdm(range(epochs), desc="train", disable=not progress)
+    history, stale, start = [], 0, 0
+    if checkpoint is not None and Path(checkpoint).exists():
+        state = torch.load(checkpoint, weights_only=True)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        g.set_state(state["generator"])
+        best, best_state, stale, history = state["best"], state["best_state"], state["stale"], state["history"]
+        start = len(history) if stale < patience else epochs  # a run that had stopped: nothing left to train
+    else:
+        best = evaluate(model, data.ids["val"], data.labels["val"])["auc"]
+        best_state = copy.deepcopy(model.state_dict())
+    bar = tqdm(range(start, epochs), desc="train", disable=not progress)
     for epoch in bar:
         model.train()
         total = 0.0
@@ -67,8 +81,11 @@ def train_ctr(model: torch.nn.Module, data: CTRData, *, epochs: int, lr: float, 
             best, best_state, stale = val["auc"], copy.deepcopy(model.state_dict()), 0
         else:
             stale += 1
-            if stale >= patience:
-                break
+        if checkpoint is not None:
+            save_atomic(Path(checkpoint), dict(model=model.state_dict(), opt=opt.state_dict(), generator=g.get_state(),
+                                               best=best, best_state=best_state, stale=stale, history=history))
+        if stale >= patience:
+            break
     model.load_state_dict(best_state)
     return history
 
