@@ -1,4 +1,6 @@
-"""Test-wide setup: Triton kernels run under the interpreter on CPU tensors, and no hub is ever contacted.
+"""Test-wide setup: Triton kernels run under the interpreter on CPU tensors, no hub is ever contacted, and the
+hypothesis property tests draw the same examples on every run (derandomized: a CI run is reproducible; a random
+draw once found a tolerance edge in CI that no rerun could show).
 
 TRITON_INTERPRET must be set before triton decorates any kernel, so it is set here, before test modules
 import anything. The GPU compile checks run in subprocesses without it.
@@ -13,6 +15,10 @@ os.environ.pop("EFFKERN_CPU_ISA", None)
 
 
 import pytest  # noqa: E402
+from hypothesis import settings  # noqa: E402
+
+settings.register_profile("effkern", derandomize=True, database=None)
+settings.load_profile("effkern")
 
 
 @pytest.fixture(scope="session")
