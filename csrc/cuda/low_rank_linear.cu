@@ -127,7 +127,8 @@ __device__ __forceinline__ void stage(float (*dst)[LD], const void* src, int64_t
   }
 }
 
-// acc (this thread's 4 x CT tile of t = x U^T, rows 4 ty.., columns CT tx..) over all of d_in; no bias.
+// acc = this thread's 4 x CT tile of t = x U^T + b1 (rows 4 ty.., columns CT tx..; padded columns: zero rows of
+// U^T and no bias, so t = 0 there).
 template <typename T, int RP>
 __device__ __forceinline__ void hidden_product(const Params& p, Smem<RP>& s, int64_t row0, float (&acc)[4][RP / 16]) {
   constexpr int CT = RP / 16;
@@ -142,6 +143,13 @@ __device__ __forceinline__ void hidden_product(const Params& p, Smem<RP>& s, int
     tile_fma<CT>(acc, s.stage.a.x, s.stage.a.ut, kSlice);
     __syncthreads();
   }
+  const int tx = threadIdx.x % 16;
+#pragma unroll
+  for (int j = 0; j < CT; ++j) {
+    const float b = bias_at<T>(p.b1, CT * tx + j, p.r);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) acc[i][j] += b;
+  }
 }
 
 template <typename T, int RP>
@@ -155,10 +163,7 @@ __global__ void __launch_bounds__(kThreads, 2) lrl_fwd_kernel(Params p) {
 #pragma unroll
   for (int i = 0; i < 4; ++i)
 #pragma unroll
-    for (int j = 0; j < CT; ++j) {
-      const int c = CT * tx + j;  // padded columns: zero rows of U^T and no bias, so act(0) = 0
-      s.hid[4 * ty + i][c] = activation(acc[i][j] + bias_at<T>(p.b1, c, p.r), p.act);
-    }
+    for (int j = 0; j < CT; ++j) s.hid[4 * ty + i][CT * tx + j] = activation(acc[i][j], p.act);  // act(0) = 0
   __syncthreads();
   T* y = static_cast<T*>(p.y);
   for (int n0 = 0; n0 < p.d_out; n0 += kCols) {
@@ -187,7 +192,7 @@ __global__ void __launch_bounds__(kThreads, 2) lrl_bwd_kernel(Params p) {
 #pragma unroll
     for (int j = 0; j < CT; ++j) {
       const int c = CT * tx + j;
-      const float t = acc[i][j] + bias_at<T>(p.b1, c, p.r);
+      const float t = acc[i][j];
       if (row < p.M && c < p.r) hidden[row * p.r + c] = from_float<T>(activation(t, p.act));
       s.hid[4 * ty + i][c] = activation_grad(t, p.act);
       acc[i][j] = 0.f;  // reused for da
