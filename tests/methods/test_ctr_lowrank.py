@@ -9,6 +9,7 @@ import torch
 from helpers import assert_close, installed, requires_ext
 
 from effkern.data.ctr import CTRData
+from effkern.methods import write_safetensors
 from effkern.methods.ctr_lowrank import flow
 from effkern.methods.ctr_lowrank.compress import (
     OutputStats,
@@ -16,6 +17,8 @@ from effkern.methods.ctr_lowrank.compress import (
     compress_linear,
     compress_model,
     compressible_layers,
+    load_compressed,
+    save_compressed,
 )
 from effkern.methods.ctr_lowrank.models import MODELS, count_params, make_model
 from effkern.methods.ctr_lowrank.train import evaluate, train_ctr
@@ -67,6 +70,28 @@ def test_full_rank_compressed_model_computes_the_original(name):
     assert all(m.out_activation == "relu" for m in compressed.dnn[::2])
     with torch.no_grad():
         assert_close(compressed(data.ids["test"]), model(data.ids["test"]))
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_saved_compressed_model_loads_and_computes_the_same(name, tmp_path):
+    """save_compressed + load_compressed rebuild the compressed model from its file alone: same parameters, the
+    same logits (act variant, compressed embedding, one layer kept)."""
+    torch.manual_seed(0)
+    data = synthetic()
+    model = make_model(name, VOCAB, dim=8, hidden=(16, 12))
+    ranks = {n: 4 for n in compressible_layers(model)} | {"dnn.0": 0}
+    compressed = compress_model(model, collect_stats(model, data.ids["train"]), emb_rank=3, ranks=ranks,
+                                variant="act").eval()
+    save_compressed(tmp_path / "m.safetensors", compressed)
+    loaded = load_compressed(tmp_path / "m.safetensors")
+    assert type(loaded) is type(compressed) and count_params(loaded) == count_params(compressed)
+    with torch.no_grad():
+        assert torch.equal(loaded(data.ids["test"]), compressed(data.ids["test"]))
+    with pytest.raises(ValueError, match="must come from compress_model"):
+        save_compressed(tmp_path / "orig.safetensors", model)
+    write_safetensors(tmp_path / "orig.safetensors", model.state_dict())
+    with pytest.raises(ValueError, match="no compression recipe"):
+        load_compressed(tmp_path / "orig.safetensors")
 
 
 def test_fibinet_dnn_input_is_the_papers_senet_and_bilinear_pairs():
@@ -176,6 +201,8 @@ def test_flow_writes_rows_and_resumes(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "results.json").read_text()) == rows
     assert (tmp_path / "auc.png").stat().st_size > 0
     assert (tmp_path / "checkpoints" / "adult-deepfm.safetensors").exists()
+    saved = load_compressed(tmp_path / "models" / "adult-deepfm-exact.safetensors")
+    assert count_params(saved) == by_variant["compressed_exact"]["params"]
     assert not list((tmp_path / "checkpoints").glob("*.train.pt"))  # per-epoch states go once the rows are kept
 
     def no_training(*args, **kwargs):

@@ -11,21 +11,29 @@
 3. Per field, ``E'_f = (E_f - mu_f) U_f`` with the reconstruction ``e = U_f e' + mu_f``
    (:class:`~effkern.nn.LowRankEmbedding`); the DNN reads ``e'`` directly, ``U_f`` and ``mu_f`` folded into its first
    layer (``W' = W blockdiag(U_f)``, ``b' = b + W [mu_1 .. mu_F]``); the interaction part reads the reconstruction.
+
+:func:`save_compressed` / :func:`load_compressed` store a compressed model as one safetensors file with its recipe.
 """
 
 from __future__ import annotations
 
 import copy
+import json
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
-from effkern.methods.ctr_lowrank.models import CTRModel, DCNv2
+from effkern.methods import write_safetensors
+from effkern.methods.ctr_lowrank.models import MODEL_CLASSES, CTRModel, DCNv2, make_model
 from effkern.nn import LowRankEmbedding, LowRankLinear
 from effkern.ops.low_rank_embedding import bag_rows
 
 VARIANTS = ("exact", "act")
+RECIPE_KEY = "effkern.ctr_lowrank"  # save_compressed's metadata entry
 
 
 @dataclass
@@ -201,4 +209,42 @@ def compress_model(model: CTRModel, stats: ModelStats, *, emb_rank: int, ranks: 
             out.dnn[0] = _fold_reconstruction(out.dnn[0], emb)
             out.dnn_reads_compressed = True
     _fuse_relus(out.dnn)
+    out.compression = dict(emb_rank=emb_rank, ranks=dict(ranks), variant=variant)
     return out
+
+
+def _placeholder_stats(model: CTRModel) -> ModelStats:
+    """Statistics under which :func:`compress_model` builds the compressed structure (identity output
+    covariances, every embedding row looked up once), for :func:`load_compressed` to fill with saved weights."""
+    f64 = torch.float64
+    layers = {name: OutputStats(torch.zeros(m.out_features, dtype=f64), torch.eye(m.out_features, dtype=f64), 1)
+              for name, m in compressible_layers(model).items()}
+    return ModelStats(layers, FieldStats(torch.ones(model.embedding.weight.shape[0], dtype=f64)))
+
+
+def save_compressed(path: str | os.PathLike, model: CTRModel) -> None:
+    """Save a :func:`compress_model` result as safetensors (atomically), its recipe (model, vocabulary sizes,
+    widths, ranks, variant) in the file's metadata: :func:`load_compressed` rebuilds it from the file alone."""
+    if not hasattr(model, "compression"):
+        raise ValueError("model must come from compress_model (it carries the compression recipe)")
+    name = next(n for n, cls in MODEL_CLASSES.items() if type(model) is cls)
+    hidden = [m.out_features for m in model.dnn if isinstance(m, nn.Linear | LowRankLinear)]
+    recipe = dict(model=name, vocab_sizes=list(model.embedding.vocab_sizes), dim=model.dim, hidden=hidden,
+                  **model.compression)
+    write_safetensors(Path(path), model.state_dict(), metadata={RECIPE_KEY: json.dumps(recipe)})
+
+
+def load_compressed(path: str | os.PathLike) -> CTRModel:
+    """The compressed model :func:`save_compressed` wrote to ``path`` (in eval mode)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata() or {}
+    if RECIPE_KEY not in metadata:
+        raise ValueError(f"{path} holds no compression recipe: not written by save_compressed")
+    recipe = json.loads(metadata[RECIPE_KEY])
+    base = make_model(recipe["model"], tuple(recipe["vocab_sizes"]), recipe["dim"], tuple(recipe["hidden"]))
+    model = compress_model(base, _placeholder_stats(base), emb_rank=recipe["emb_rank"], ranks=recipe["ranks"],
+                           variant=recipe["variant"])
+    model.load_state_dict(load_file(str(path)))
+    return model.eval()

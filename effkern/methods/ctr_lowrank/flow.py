@@ -11,7 +11,9 @@ compressed_<v>), auc, logloss (test split), params, throughput_per_s (CPU infere
 measured for original and every compressed variant, the latter through effkern's kernels), epochs. Finished
 (dataset, model) rows are kept and reused on a rerun of the same config; every training run (original, each
 variant's and the control's fine-tune) saves its state after each epoch until its pair's rows are written, so an
-interrupted run loses at most one epoch. Also ``auc.png``.
+interrupted run loses at most one epoch. The fine-tuned compressed models are kept as
+``models/<dataset>-<model>-<variant>.safetensors`` (:func:`~effkern.methods.ctr_lowrank.compress.load_compressed`
+rebuilds one from its file; ids as ``effkern.data.ctr.load_ctr`` encodes them). Also ``auc.png``.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from safetensors.torch import load_file
 
 from effkern.data.ctr import DATASETS, load_ctr
 from effkern.methods import plot_grouped_bars, resume_rows, write_json, write_safetensors
-from effkern.methods.ctr_lowrank.compress import VARIANTS, collect_stats, compress_model
+from effkern.methods.ctr_lowrank.compress import VARIANTS, collect_stats, compress_model, save_compressed
 from effkern.methods.ctr_lowrank.models import DEFAULT_MODELS, MODELS, count_params, make_model
 from effkern.methods.ctr_lowrank.train import evaluate, throughputs, train_ctr
 
@@ -103,6 +105,7 @@ def _rows(cfg: CTRCompressConfig, dataset: str, model_name: str, out: Path) -> l
         rows.append(dict(variant=f"compressed_{variant}_init", **evaluate(compressed, *test),
                          params=count_params(compressed), epochs=0))
         history = train_ctr(compressed, data, **finetune, checkpoint=ckpt(variant))
+        save_compressed(out / "models" / f"{dataset}-{model_name}-{variant}.safetensors", compressed)
         rows.append(dict(variant=f"compressed_{variant}", **evaluate(compressed, *test),
                          params=count_params(compressed), epochs=len(history)))
         timed[f"compressed_{variant}"] = compressed

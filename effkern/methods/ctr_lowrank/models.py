@@ -166,11 +166,14 @@ class FiBiNET(CTRModel):
         return self.first_order(ids).sum((1, 2))
 
 
+MODEL_CLASSES = {"deepfm": DeepFM, "dcnv2": DCNv2, "autoint": AutoInt, "fibinet": FiBiNET}
+
+
 def make_model(name: str, vocab_sizes: tuple[int, ...], dim: int = 16,
                hidden: tuple[int, ...] = (400, 400, 400)) -> CTRModel:
     if name not in MODELS:
         raise ValueError(f"model must be one of {MODELS}, got {name!r}")
-    return {"deepfm": DeepFM, "dcnv2": DCNv2, "autoint": AutoInt, "fibinet": FiBiNET}[name](vocab_sizes, dim, hidden)
+    return MODEL_CLASSES[name](vocab_sizes, dim, hidden)
 
 
 def count_params(model: nn.Module) -> int:
