@@ -49,23 +49,24 @@ def bench_shape(m, d_in, r, d_out, act, out_act, device, peak, backends):
     def torch_pair():
         return ACT[out_act](F.linear(ACT[act](F.linear(x, u, b1)), v, b2))
 
-    def fused(name):
+    def fused():
+        return low_rank_linear(x, u, v, b1, b2, act, out_act)
+
+    candidates = {"torch": torch_pair, **{name: fused for name in backends}}
+
+    def timed(name, step):  # the backend forced for the forward and the backward alike
         def run():
-            with use_backend(name):
-                return low_rank_linear(x, u, v, b1, b2, act, out_act)
+            with use_backend(None if name == "torch" else name):
+                return step(candidates[name])
         return run
 
-    candidates = {"torch": torch_pair, **{name: fused(name) for name in backends}}
+    def forward(fn):
+        with torch.no_grad():
+            return fn()
 
-    def no_grad(fn):
-        def run():
-            with torch.no_grad():
-                return fn()
-        return run
-
-    fwd = interleaved_times({name: no_grad(fn) for name, fn in candidates.items()}, device)
-    both = interleaved_times({name: lambda fn=fn: torch.autograd.grad(fn(), inputs, g)
-                              for name, fn in candidates.items()}, device)
+    fwd = interleaved_times({name: timed(name, forward) for name in candidates}, device)
+    both = interleaved_times({name: timed(name, lambda fn: torch.autograd.grad(fn(), inputs, g))
+                              for name in candidates}, device)
     flops = 2 * m * r * (d_in + d_out)
     rows = [dict(backend=name, M=m, d_in=d_in, r=r, d_out=d_out, act=act, out_act=out_act, fwd_ms=fwd[name] * 1e3,
                  fwd_bwd_ms=both[name] * 1e3, fwd_gflops=flops / fwd[name] / 1e9,

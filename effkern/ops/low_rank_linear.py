@@ -191,6 +191,7 @@ def low_rank_linear(x: torch.Tensor, u: torch.Tensor, v: torch.Tensor, b1: torch
     if out_activation not in OUT_ACTIVATIONS:
         raise ValueError(f"out_activation must be one of {OUT_ACTIVATIONS}, got {out_activation!r}")
     lead = x.shape[:-1]
+    b1, b2 = (None if b is None else b.contiguous() for b in (b1, b2))  # the kernels read the biases densely
     y = fwd_op(x.reshape(-1, d_in).contiguous(), u, b1, v, b2, ACTIVATIONS.index(activation),
                OUT_ACTIVATIONS.index(out_activation))
     return y.view(*lead, v.shape[0])

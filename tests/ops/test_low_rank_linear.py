@@ -105,6 +105,17 @@ def test_cpu_without_biases_and_with_batch_dims(acts):
     check("cpu", [x.detach().t().contiguous().t().requires_grad_(), u, v], acts, isas=ISAS[:1])
 
 
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_strided_weights_and_biases(backend):
+    """Weights and biases that are views with stride 2 (slices of larger tensors) give the same values and
+    gradients (the Triton kernels read the biases as contiguous)."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    inputs = [torch.stack([t.detach(), -t.detach()], -1)[..., 0] for t in make(9, 20, 6, 11, torch.float32)]
+    assert all(not t.is_contiguous() for t in inputs)
+    check(backend, [t.requires_grad_() for t in inputs], ("relu", "none"))
+
+
 def test_cpu_gelu_on_a_wide_range():
     """The kernel's erf approximation against torch's GELU where it bends and in both tails."""
     x, u, v, b1, b2 = make(8, 4, 32, 8, torch.float32)
