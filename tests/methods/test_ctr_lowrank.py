@@ -70,6 +70,9 @@ def test_full_rank_compressed_model_computes_the_original(name):
     assert all(m.out_activation == "relu" for m in compressed.dnn[::2])
     with torch.no_grad():
         assert_close(compressed(data.ids["test"]), model(data.ids["test"]))
+    acted = compress_model(model, stats, emb_rank=8, ranks=full_ranks(model), variant="act")
+    assert {n: acted.get_submodule(n).activation for n in full_ranks(model)} == {
+        n: "relu" if n.startswith("dnn.") else "none" for n in full_ranks(model)}  # cross layers have no ReLU
 
 
 @pytest.mark.parametrize("name", MODELS)

@@ -7,7 +7,8 @@
 2. Per layer, the top-k eigenvectors ``U_k`` of the output covariance give ``y ~= U_k U_k^T (y - mu) + mu``, i.e.
    two linears ``L1 = (U_k^T W, U_k^T b)`` and ``L2 = (U_k, (I - U_k U_k^T) mu)``, one fused
    :class:`~effkern.nn.LowRankLinear`. ``variant="exact"`` keeps nothing between them (exact at full rank);
-   ``"act"`` inserts the layer's ReLU (the paper's ``_Act``; no longer exact, recovered by fine-tuning).
+   ``"act"`` inserts the layer's own ReLU (the paper's ``_Act``; no longer exact, recovered by fine-tuning) in
+   the DNN's layers; DCN-v2's cross layers have no activation of their own and stay exact.
 3. Per field, ``E'_f = (E_f - mu_f) U_f`` with the reconstruction ``e = U_f e' + mu_f``
    (:class:`~effkern.nn.LowRankEmbedding`); the DNN reads ``e'`` directly, ``U_f`` and ``mu_f`` folded into its first
    layer (``W' = W blockdiag(U_f)``, ``b' = b + W [mu_1 .. mu_F]``); the interaction part reads the reconstruction.
@@ -200,7 +201,8 @@ def compress_model(model: CTRModel, stats: ModelStats, *, emb_rank: int, ranks: 
     for name, rank in ranks.items():
         if rank:
             parent, index = name.split(".")
-            getattr(out, parent)[int(index)] = compress_linear(layers[name], stats.layers[name], rank, variant)
+            getattr(out, parent)[int(index)] = compress_linear(layers[name], stats.layers[name], rank,
+                                                               variant if parent == "dnn" else "exact")
     if emb_rank:
         emb = compress_embedding(model.embedding.weight, model.embedding.offsets, model.embedding.vocab_sizes,
                                  stats.fields.counts, emb_rank)
