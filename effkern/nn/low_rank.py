@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from effkern.ops import low_rank_embedding, low_rank_linear
-from effkern.ops.low_rank_embedding import bag_lookup, check_ids
+from effkern.ops.low_rank_embedding import MODES, bag_lookup, check_ids
 from effkern.ops.low_rank_linear import ACTIVATIONS, OUT_ACTIVATIONS
 
 
@@ -75,6 +75,8 @@ class LowRankEmbedding(nn.Module):
         super().__init__()
         if not vocab_sizes or min(vocab_sizes) < 1 or min(dim, rank) < 1:
             raise ValueError(f"vocab_sizes must be positive and dim, rank >= 1, got {vocab_sizes}, {dim}, {rank}")
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         kw = dict(device=device, dtype=dtype)
         self.vocab_sizes, self.dim, self.rank, self.mode = list(vocab_sizes), dim, rank, mode
         self.table = nn.Parameter(torch.randn(sum(vocab_sizes), rank, **kw) * 0.01)

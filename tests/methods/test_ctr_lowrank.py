@@ -164,8 +164,14 @@ def test_bad_ranks_unseen_ids_and_names():
     compressed = compress_model(model, stats, emb_rank=4, ranks={})
     unseen = data.ids["test"][:4].clone()
     unseen[2, 1, 0] = VOCAB[1]
-    with pytest.raises(ValueError, match=r"ids\[2, 1, 0\] = 5 is outside field 1's ids \[0, 5\)"):
-        compressed(unseen)
+    for m in (compressed, model):
+        with pytest.raises(ValueError, match=r"ids\[2, 1, 0\] = 5 is outside field 1's ids \[0, 5\)"):
+            m(unseen)
+    empty = data.ids["test"][:4].clone()
+    empty[1, 3] = -1
+    model(empty)  # the original reads an empty bag as zeros; the folded first layer would add the field's mean
+    with pytest.raises(ValueError, match=r"ids\[1, 3\] is an empty bag"):
+        compressed(empty)
 
 
 def test_training_resumes_from_its_epoch_checkpoint_exactly(tmp_path):

@@ -60,6 +60,8 @@ def test_bad_arguments():
         LowRankLinear.from_factors(torch.zeros(2, 4), torch.zeros(4, 2), b1=torch.zeros(2))
     with pytest.raises(ValueError, match="vocab_sizes must be positive"):
         LowRankEmbedding([5, 0], dim=4, rank=2)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        LowRankEmbedding([5, 3], dim=4, rank=2, mode="max")
     emb = LowRankEmbedding([5, 3], dim=4, rank=2)
     with pytest.raises(ValueError, match=r"ids\[0, 1, 0\] = 3 is outside field 1's ids \[0, 3\)"):
         emb.compressed(torch.tensor([[0, 3]]))

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from effkern.ops.low_rank_embedding import bag_lookup
+from effkern.ops.low_rank_embedding import bag_lookup, check_ids
 
 MODELS = ("deepfm", "dcnv2", "autoint", "fibinet")
 # The flow's default: FiBiNET is opt-in, its DNN reading F (F - 1) d interaction features is far the slowest to
@@ -33,7 +33,8 @@ DEFAULT_MODELS = ("deepfm", "dcnv2", "autoint")
 
 class FieldEmbedding(nn.Module):
     """F fields' embedding tables in one ``[sum V_f, dim]`` table; ``forward(ids [B, F] or [B, F, L])`` returns
-    ``[B, F, dim]``, a bag's rows averaged (ids < 0 are padding)."""
+    ``[B, F, dim]``, a bag's rows averaged (-1 pads; an id outside its field's range is an error, as it is for the
+    compressed model's LowRankEmbedding)."""
 
     def __init__(self, vocab_sizes: tuple[int, ...], dim: int, std: float = 0.01):
         super().__init__()
@@ -42,6 +43,7 @@ class FieldEmbedding(nn.Module):
         self.register_buffer("offsets", torch.tensor([0, *vocab_sizes[:-1]]).cumsum(0), persistent=False)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        check_ids(ids if ids.dim() == 3 else ids[..., None], self.offsets, self.weight.shape[0])
         return bag_lookup(self.weight, ids, self.offsets, mean=True)
 
 
@@ -72,7 +74,14 @@ class CTRModel(nn.Module):
 
     def dnn_input(self, ids: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
         """``[B, dnn width]``: the flattened embeddings (the compressed rows once the reconstruction is folded)."""
-        return (self.embedding.compressed(ids) if self.dnn_reads_compressed else e).flatten(1)
+        if not self.dnn_reads_compressed:
+            return e.flatten(1)
+        if ids.dim() == 3 and bool((ids < 0).all(-1).any()):
+            b, f = (int(i) for i in (ids < 0).all(-1).nonzero()[0])
+            raise ValueError(f"ids[{b}, {f}] is an empty bag: this compressed model's first DNN layer holds every "
+                             "field's mean in its bias (the reconstruction folded in), exact only when each field has "
+                             "an id; compress with emb_rank=0 to keep the embedding for data with empty bags")
+        return self.embedding.compressed(ids).flatten(1)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """Click logits ``[B]``."""
