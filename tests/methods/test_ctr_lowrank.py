@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -209,7 +210,7 @@ def test_flow_writes_rows_and_resumes(tmp_path, monkeypatch):
         "throughput_per_s"] is None
     assert json.loads((tmp_path / "results.json").read_text()) == rows
     assert (tmp_path / "auc.png").stat().st_size > 0
-    assert (tmp_path / "checkpoints" / "adult-deepfm.safetensors").exists()
+    assert len(list((tmp_path / "checkpoints").glob("adult-deepfm-*.safetensors"))) == 1  # the original's weights
     saved = load_compressed(tmp_path / "models" / "adult-deepfm-exact.safetensors")
     assert count_params(saved) == by_variant["compressed_exact"]["params"]
     assert not list((tmp_path / "checkpoints").glob("*.train.pt"))  # per-epoch states go once the rows are kept
@@ -219,6 +220,12 @@ def test_flow_writes_rows_and_resumes(tmp_path, monkeypatch):
 
     monkeypatch.setattr(flow, "train_ctr", no_training)
     assert flow.run(cfg) == rows
+    runs = []
+    monkeypatch.setattr(flow, "train_ctr", lambda *args, checkpoint, **kwargs: runs.append(checkpoint.name) or [])
+    flow.run(dataclasses.replace(cfg, finetune_epochs=2))  # the same original, reused; new fine-tunes
+    assert [name.rsplit("-", 1)[1] for name in runs] == ["exact.train.pt", "finetuned.train.pt"]
+    flow.run(dataclasses.replace(cfg, epochs=2))  # another training config: the original is trained again
+    assert runs[2].endswith("-original.train.pt")
     with pytest.raises(ValueError, match="models must be a non-empty subset"):
         flow.run(flow.CTRCompressConfig(models=("xdeepfm",), out=str(tmp_path)))
     with pytest.raises(ValueError, match="mlp_ranks needs one rank per hidden layer"):

@@ -1,17 +1,19 @@
 """The CTR compression flow (`effkern ctr-compress`): train, compress by output statistics, fine-tune, measure.
 
-Per data set x model: train the original (Adam, early stopping on val AUC; its weights kept, so a rerun reuses them),
-collect its statistics over the train split once, then per variant (``exact``: L1 L2 with nothing between;
-``act``: ReLU between) compress (embedding rank ``emb_rank``, DNN hidden layers ``mlp_ranks``, DCN-v2 cross
-layers ``cross_rank``) and fine-tune ``finetune_epochs``. As a control, the original is fine-tuned with the same
-budget (``original_finetuned``): the compressed models must be judged against the better of the two.
+Per data set x model: train the original (Adam, early stopping on val AUC; its weights kept, so a rerun with the same
+training settings reuses them), collect its statistics over the train split once, then per variant (``exact``: L1
+L2 with nothing between; ``act``: ReLU between) compress (embedding rank ``emb_rank``, DNN hidden layers
+``mlp_ranks``, DCN-v2 cross layers ``cross_rank``) and fine-tune ``finetune_epochs``. As a control, the original is
+fine-tuned with the same budget (``original_finetuned``): the compressed models must be judged against the better
+of the two.
 
 Rows of ``results.json`` (flat): dataset, model, variant (original / original_finetuned / compressed_<v>_init /
 compressed_<v>), auc, logloss (test split), params, throughput_per_s (CPU inference at ``throughput_batch``,
 measured for original and every compressed variant, the latter through effkern's kernels), epochs. Finished
 (dataset, model) rows are kept and reused on a rerun of the same config; every training run (original, each
 variant's and the control's fine-tune) saves its state after each epoch until its pair's rows are written, so an
-interrupted run loses at most one epoch. The fine-tuned compressed models are kept as
+interrupted run loses at most one epoch (the files carry a hash of the settings they depend on, so another config
+never resumes them). The fine-tuned compressed models are kept as
 ``models/<dataset>-<model>-<variant>.safetensors`` (:func:`~effkern.methods.ctr_lowrank.compress.load_compressed`
 rebuilds one from its file; ids as ``effkern.data.ctr.load_ctr`` encodes them). Also ``auc.png``.
 """
@@ -19,7 +21,9 @@ rebuilds one from its file; ids as ``effkern.data.ctr.load_ctr`` encodes them). 
 from __future__ import annotations
 
 import copy
-import functools
+import hashlib
+import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -70,10 +74,28 @@ def layer_ranks(cfg: CTRCompressConfig, model_name: str) -> dict[str, int]:
     return ranks
 
 
-def _training_checkpoint(out: Path, dataset: str, model_name: str, run: str) -> Path:
-    """Where train_ctr keeps its per-epoch state for one training run of the (dataset, model) pair; run() deletes
-    the pair's once its rows are written."""
-    return out / "checkpoints" / f"{dataset}-{model_name}-{run}.train.pt"
+ORIGINAL_FIELDS = ("dim", "hidden", "epochs", "lr", "batch_size", "patience", "seed")  # what trains the originals
+
+
+def _config_key(cfg: CTRCompressConfig, fields: tuple[str, ...]) -> str:
+    """A short hash of the config's ``fields``, in the names of the files that depend on them: a run with another
+    config never resumes or reuses a file of this one."""
+    picked = {k: v for k, v in asdict(cfg).items() if k in fields}
+    return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _checkpoints(cfg: CTRCompressConfig, out: Path, dataset: str, model_name: str) -> tuple[Path, Callable]:
+    """The original's weights file (kept: a rerun with the same training config reuses it) and, per training run
+    (original, each variant's fine-tune, the control), where train_ctr keeps its per-epoch state (run() deletes
+    the pair's once its rows are written)."""
+    stem = out / "checkpoints" / f"{dataset}-{model_name}"
+    original = _config_key(cfg, ORIGINAL_FIELDS)
+    whole = _config_key(cfg, tuple(f for f in asdict(cfg) if f not in ("datasets", "models", "out", "progress")))
+
+    def state(run: str) -> Path:
+        return stem.with_name(f"{stem.name}-{original if run == 'original' else whole}-{run}.train.pt")
+
+    return stem.with_name(f"{stem.name}-{original}.safetensors"), state
 
 
 def _original(cfg: CTRCompressConfig, data, name: str, weights: Path, checkpoint: Path):
@@ -91,9 +113,8 @@ def _original(cfg: CTRCompressConfig, data, name: str, weights: Path, checkpoint
 def _rows(cfg: CTRCompressConfig, dataset: str, model_name: str, out: Path) -> list[dict]:
     data = load_ctr(dataset, seed=cfg.seed)
     test = (data.ids["test"], data.labels["test"])
-    ckpt = functools.partial(_training_checkpoint, out, dataset, model_name)
-    model, epochs = _original(cfg, data, model_name, out / "checkpoints" / f"{dataset}-{model_name}.safetensors",
-                              ckpt("original"))
+    weights, ckpt = _checkpoints(cfg, out, dataset, model_name)
+    model, epochs = _original(cfg, data, model_name, weights, ckpt("original"))
     rows = [dict(variant="original", **evaluate(model, *test), params=count_params(model), epochs=epochs)]
     stats = collect_stats(model, data.ids["train"])
     finetune = dict(epochs=cfg.finetune_epochs, lr=cfg.finetune_lr, batch_size=cfg.batch_size,
