@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import numpy as np
 import pytest
 import torch
 from helpers import assert_close, installed, requires_ext
@@ -15,6 +16,7 @@ from effkern.methods.ctr_lowrank import flow
 from effkern.methods.ctr_lowrank.compress import (
     OutputStats,
     collect_stats,
+    compress_embedding,
     compress_linear,
     compress_model,
     compressible_layers,
@@ -55,6 +57,42 @@ def test_exact_variant_at_full_rank_reproduces_the_layer():
     assert_close(compress_linear(layer, stats, 9)(x), layer(x))
     approx = compress_linear(layer, stats, 4)(x)  # the best rank-4 fit of the outputs around their mean
     assert (approx - layer(x)).norm() < (layer(x) - layer(x).mean(0)).norm()
+
+
+def test_compressed_layer_is_the_pca_fit_of_its_outputs():
+    """At rank k the exact variant's outputs are the best rank-k fit of the layer's outputs around their mean: the
+    summed squared error is n times the sum of the d - k smallest eigenvalues of their covariance (numpy's)."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(12, 9)
+    x = torch.randn(2000, 12) * torch.linspace(0.1, 3, 12) + 1
+    with torch.no_grad():
+        y = layer(x)
+        stats = OutputStats.empty(9)
+        stats.update(y)
+        eigenvalues = np.linalg.eigvalsh(np.cov(y.double().numpy().T, bias=True))
+        for k in (2, 5):
+            error = ((compress_linear(layer, stats, k)(x) - y).double() ** 2).sum().item()
+            assert error == pytest.approx(len(x) * eigenvalues[: 9 - k].sum(), rel=1e-3)
+
+
+def test_embedding_compression_weighs_rows_by_their_lookups():
+    """Per field, mu is the lookup-weighted mean of the rows and the kept basis minimises the lookup-weighted
+    reconstruction error (the sum of the weighted covariance's smallest eigenvalues), one row looked up far more
+    than the others."""
+    g = torch.Generator().manual_seed(0)
+    vocab, dim, rank = (6, 9), 5, 2
+    weight = torch.randn(sum(vocab), dim, generator=g) * torch.linspace(0.2, 2, dim)
+    counts = torch.randint(0, 50, (sum(vocab),), generator=g).double()
+    counts[0] = 1000
+    emb = compress_embedding(weight, torch.tensor([0, vocab[0]]), vocab, counts, rank)
+    for f, (start, size) in enumerate(zip((0, vocab[0]), vocab, strict=True)):
+        rows, p = weight[start : start + size].double().numpy(), counts[start : start + size].numpy()
+        p = p / p.sum()
+        mu = p @ rows
+        assert np.allclose(emb.mu[f].detach().double().numpy(), mu, atol=1e-6)
+        recon = (emb.table[start : start + size] @ emb.u[f].T + emb.mu[f]).detach().double().numpy()
+        eigenvalues = np.linalg.eigvalsh((rows - mu).T @ ((rows - mu) * p[:, None]))
+        assert (p[:, None] * (recon - rows) ** 2).sum() == pytest.approx(eigenvalues[: dim - rank].sum(), rel=1e-4)
 
 
 @pytest.mark.parametrize("name", MODELS)
