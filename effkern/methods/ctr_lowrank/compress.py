@@ -14,6 +14,8 @@
    layer (``W' = W blockdiag(U_f)``, ``b' = b + W [mu_1 .. mu_F]``); the interaction part reads the reconstruction.
 
 :func:`save_compressed` / :func:`load_compressed` store a compressed model as one safetensors file with its recipe.
+Statistics, compression, training and evaluation run on the model's device (batches moved there); this project's
+machines are CPU-only, so the CUDA path of these functions is untested.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ class OutputStats:
 
     def update(self, y: torch.Tensor) -> None:
         y = y.detach().reshape(-1, y.shape[-1]).double()
+        self.sum, self.gram = self.sum.to(y.device), self.gram.to(y.device)  # accumulated where the outputs are
         self.sum += y.sum(0)
         self.gram += y.T @ y
         self.count += y.shape[0]
@@ -70,6 +73,7 @@ class FieldStats:
 
     def update(self, ids: torch.Tensor, offsets: torch.Tensor) -> None:
         rows, valid = bag_rows(ids, offsets)
+        self.counts = self.counts.to(rows.device)
         self.counts += torch.bincount(rows[valid], minlength=self.counts.numel()).double()
 
 
@@ -104,6 +108,7 @@ def collect_stats(model: CTRModel, ids: torch.Tensor, batch_size: int = 4096,
     model.eval()
     try:
         for chunk in ids.split(batch_size):
+            chunk = chunk.to(model.embedding.offsets.device)
             model(chunk)
             stats.fields.update(chunk, model.embedding.offsets)
     finally:
@@ -125,12 +130,13 @@ def _check_rank(name: str, rank: int, dim: int) -> None:
 
 
 def compress_linear(layer: nn.Linear, stats: OutputStats, rank: int, variant: str = "exact") -> LowRankLinear:
-    """The layer as ``L2(act(L1(x)))`` through its top-``rank`` output eigenvectors (see the module docstring)."""
+    """The layer as ``L2(act(L1(x)))`` through its top-``rank`` output eigenvectors (see the module docstring), on
+    the layer's device."""
     _check_rank("compress_linear", rank, layer.out_features)
-    mu, cov = stats.mean_cov()
-    basis = top_eigenvectors(cov, rank)
     w = layer.weight.detach().double()
-    b = layer.bias.detach().double() if layer.bias is not None else torch.zeros(layer.out_features, dtype=torch.float64)
+    mu, cov = (t.to(w.device) for t in stats.mean_cov())
+    basis = top_eigenvectors(cov, rank)
+    b = layer.bias.detach().double() if layer.bias is not None else w.new_zeros(layer.out_features)
     dtype = layer.weight.dtype
     return LowRankLinear.from_factors((basis.T @ w).to(dtype), basis.to(dtype), (basis.T @ b).to(dtype),
                                       (mu - basis @ (basis.T @ mu)).to(dtype),
@@ -143,8 +149,8 @@ def compress_embedding(weight: torch.Tensor, offsets: torch.Tensor, vocab_sizes:
     compressed rows ``(E_f - mu_f) U_f`` (bags averaged, as :class:`FieldEmbedding` does)."""
     dim = weight.shape[1]
     _check_rank("compress_embedding", rank, dim)
-    emb = LowRankEmbedding(list(vocab_sizes), dim, rank, mode="mean", dtype=weight.dtype)
-    w = weight.detach().double()
+    emb = LowRankEmbedding(list(vocab_sizes), dim, rank, mode="mean", device=weight.device, dtype=weight.dtype)
+    w, counts = weight.detach().double(), counts.to(weight.device)
     with torch.no_grad():
         for f, (start, size) in enumerate(zip(offsets.tolist(), vocab_sizes, strict=True)):
             rows, n = w[start : start + size], counts[start : start + size]
@@ -171,7 +177,7 @@ def _fold_reconstruction(first: nn.Module, emb: LowRankEmbedding) -> nn.Module:
             return LowRankLinear.from_factors(folded_w.to(first.u.dtype), first.v.detach(),
                                               (first.b1.double() + shift).to(first.u.dtype), first.b2.detach(),
                                               activation=first.activation, out_activation=first.out_activation)
-        layer = nn.Linear(fields * rank, first.out_features, dtype=first.weight.dtype)
+        layer = nn.Linear(fields * rank, first.out_features, device=first.weight.device, dtype=first.weight.dtype)
         layer.weight.copy_(folded_w)
         layer.bias.copy_(first.bias.double() + shift)
         return layer

@@ -20,10 +20,11 @@ from effkern.ops.low_rank_embedding import bag_rows
 
 @torch.no_grad()
 def predict(model: torch.nn.Module, ids: torch.Tensor, batch_size: int = 10000) -> torch.Tensor:
-    """Click probabilities ``[n]`` (eval mode)."""
+    """Click probabilities ``[n]`` on the CPU (eval mode; the batches run on the model's device)."""
     was_training = model.training
     model.eval()
-    probs = torch.cat([torch.sigmoid(model(chunk)) for chunk in ids.split(batch_size)])
+    device = _device(model)
+    probs = torch.cat([torch.sigmoid(model(chunk.to(device))).cpu() for chunk in ids.split(batch_size)])
     model.train(was_training)
     return probs
 
@@ -44,10 +45,11 @@ def train_ctr(model: torch.nn.Module, data: CTRData, *, epochs: int, lr: float, 
     included: fine-tuning never returns a model worse on val than it started). Returns per-epoch rows (epoch,
     train_loss, val_auc, val_logloss). With ``checkpoint``, the whole training state is saved there (atomically)
     after every epoch and a rerun resumes after the last saved epoch, exactly (the shuffling generator included);
-    the caller deletes it once the result is kept."""
+    the caller deletes it once the result is kept. The batches run on the model's device."""
     if epochs < 1 or lr <= 0 or batch_size < 1:
         raise ValueError(f"epochs and batch_size must be >= 1 and lr > 0, got {epochs}, {batch_size}, {lr}")
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+    device = _device(model)
     ids, labels = data.ids["train"], data.labels["train"]
     g = torch.Generator().manual_seed(seed)
     history, stale, start = [], 0, 0
@@ -66,9 +68,9 @@ def train_ctr(model: torch.nn.Module, data: CTRData, *, epochs: int, lr: float, 
         model.train()
         total = 0.0
         for idx in torch.randperm(len(labels), generator=g).split(batch_size):
-            logits = model(ids[idx])
-            loss = F.binary_cross_entropy_with_logits(logits, labels[idx])
-            penalty = _embedding_penalty(model, ids[idx]) * emb_weight_decay if emb_weight_decay else 0.0
+            batch = ids[idx].to(device)
+            loss = F.binary_cross_entropy_with_logits(model(batch), labels[idx].to(device))
+            penalty = _embedding_penalty(model, batch) * emb_weight_decay if emb_weight_decay else 0.0
             opt.zero_grad(set_to_none=True)
             (loss + penalty).backward()
             opt.step()
@@ -88,6 +90,10 @@ def train_ctr(model: torch.nn.Module, data: CTRData, *, epochs: int, lr: float, 
             break
     model.load_state_dict(best_state)
     return history
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
 
 
 def _embedding_penalty(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
