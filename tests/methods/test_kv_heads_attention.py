@@ -95,7 +95,7 @@ def test_post_rope_generate_with_projected_cache():
     ids, mask = padded_batch()
     full = generate(model, ids, mask)
     cache = ProjectedKeyCache(model)
-    projected = generate(model, ids, mask, past_key_values=cache)
+    projected = generate(model, ids, mask, cache=cache)
     assert torch.equal(projected, full)
     basis = model.model.layers[0].self_attn.kv_k_basis
     keys = cache.layers[0].keys
