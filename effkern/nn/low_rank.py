@@ -90,7 +90,7 @@ class LowRankEmbedding(nn.Module):
 
     def compressed(self, ids: torch.Tensor) -> torch.Tensor:
         """The bags' k-wide compressed rows ``[B, F, k]`` (sum or mean, as ``forward`` reduces them)."""
-        check_ids(ids if ids.dim() == 3 else ids[..., None], self.offsets, self.table.shape[0])
+        check_ids(ids, self.offsets, self.table.shape[0])
         return bag_lookup(self.table, ids, self.offsets, self.mode == "mean")
 
     def extra_repr(self) -> str:

@@ -186,10 +186,11 @@ def low_rank_embedding(ids: torch.Tensor, table: torch.Tensor, offsets: torch.Te
 
 
 def check_ids(ids: torch.Tensor, offsets: torch.Tensor, n_rows: int) -> None:
-    """Field f of ids ``[B, F, L]`` must hold ids in ``[0, V_f)`` or -1 (padding), with ``V_f`` from the offsets
-    of a table of ``n_rows`` rows (one host sync; skipped while compiling)."""
+    """Field f of ids ``[B, F]`` or ``[B, F, L]`` must hold ids in ``[0, V_f)`` or -1 (padding), with ``V_f`` from
+    the offsets of a table of ``n_rows`` rows (one host sync; skipped while compiling)."""
     if not bounds_checkable(ids) or not ids.numel():
         return
+    ids = ids if ids.dim() == 3 else ids[..., None]
     offsets = offsets.long()
     sizes = torch.cat([offsets[1:], offsets.new_tensor([n_rows])]) - offsets
     if int(offsets[0]) != 0 or bool((sizes < 0).any()):

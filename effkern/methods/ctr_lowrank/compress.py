@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
@@ -244,8 +245,6 @@ def save_compressed(path: str | os.PathLike, model: CTRModel) -> None:
 
 def load_compressed(path: str | os.PathLike) -> CTRModel:
     """The compressed model :func:`save_compressed` wrote to ``path`` (in eval mode)."""
-    from safetensors import safe_open
-
     with safe_open(str(path), framework="pt") as f:
         metadata = f.metadata() or {}
     if RECIPE_KEY not in metadata:

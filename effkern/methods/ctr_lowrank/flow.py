@@ -88,14 +88,14 @@ def _checkpoints(cfg: CTRCompressConfig, out: Path, dataset: str, model_name: st
     """The original's weights file (kept: a rerun with the same training config reuses it) and, per training run
     (original, each variant's fine-tune, the control), where train_ctr keeps its per-epoch state (run() deletes
     the pair's once its rows are written)."""
-    stem = out / "checkpoints" / f"{dataset}-{model_name}"
+    folder, pair = out / "checkpoints", f"{dataset}-{model_name}"
     original = _config_key(cfg, ORIGINAL_FIELDS)
     whole = _config_key(cfg, tuple(f for f in asdict(cfg) if f not in ("datasets", "models", "out", "progress")))
 
     def state(run: str) -> Path:
-        return stem.with_name(f"{stem.name}-{original if run == 'original' else whole}-{run}.train.pt")
+        return folder / f"{pair}-{original if run == 'original' else whole}-{run}.train.pt"
 
-    return stem.with_name(f"{stem.name}-{original}.safetensors"), state
+    return folder / f"{pair}-{original}.safetensors", state
 
 
 def _original(cfg: CTRCompressConfig, data, name: str, weights: Path, checkpoint: Path):

@@ -25,7 +25,6 @@ from torch import nn
 
 from effkern.ops.low_rank_embedding import bag_lookup, check_ids
 
-MODELS = ("deepfm", "dcnv2", "autoint", "fibinet")
 # The flow's default: FiBiNET is opt-in, its DNN reading F (F - 1) d interaction features is far the slowest to
 # train on many fields (KDD-04's 74: 86,432 features, 35M parameters, ~6 s a training step of 1024 on 2 cores).
 DEFAULT_MODELS = ("deepfm", "dcnv2", "autoint")
@@ -43,7 +42,7 @@ class FieldEmbedding(nn.Module):
         self.register_buffer("offsets", torch.tensor([0, *vocab_sizes[:-1]]).cumsum(0), persistent=False)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        check_ids(ids if ids.dim() == 3 else ids[..., None], self.offsets, self.weight.shape[0])
+        check_ids(ids, self.offsets, self.weight.shape[0])
         return bag_lookup(self.weight, ids, self.offsets, mean=True)
 
 
@@ -176,6 +175,7 @@ class FiBiNET(CTRModel):
 
 
 MODEL_CLASSES = {"deepfm": DeepFM, "dcnv2": DCNv2, "autoint": AutoInt, "fibinet": FiBiNET}
+MODELS = tuple(MODEL_CLASSES)
 
 
 def make_model(name: str, vocab_sizes: tuple[int, ...], dim: int = 16,
