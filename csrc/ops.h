@@ -41,14 +41,14 @@ at::Tensor residual_layer_norm_bwd_cpu(const at::Tensor& x, const at::Tensor& rs
                                        const at::Tensor& dx);
 
 // Fused low-rank linear y = act(x u^T + b1) v^T + b2 (act 0 none, 1 relu, 2 gelu): x contiguous [M, d_in],
-// u [r, d_in], v [d_out, r], biases [r] / [d_out] or none. The backward recomputes the rank-r hidden layer and
-// returns (dx, du, db1, dv, db2).
+// u [r, d_in], v [d_out, r], biases [r] / [d_out] or none, y relu'd when out_act is 1. The backward recomputes the
+// rank-r hidden layer and returns (dx, du, db1, dv, db2) from g = dL/dy, masked where y (when given) is not > 0.
 at::Tensor low_rank_linear_fwd_cpu(const at::Tensor& x, const at::Tensor& u, const std::optional<at::Tensor>& b1,
                                    const at::Tensor& v, const std::optional<at::Tensor>& b2, int64_t act,
                                    int64_t out_act);
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> low_rank_linear_bwd_cpu(
     const at::Tensor& x, const at::Tensor& u, const std::optional<at::Tensor>& b1, const at::Tensor& v,
-    const at::Tensor& g, int64_t act);
+    const at::Tensor& g, const std::optional<at::Tensor>& y, int64_t act);
 
 // Compressed embedding lookup with reconstruction: ids int [B, F, L] (< 0 = padding), table [V, k] contiguous,
 // offsets int [F], u [F, d, k], mu [F, d] -> out [B, F, d] = u_f (sum or mean of the bag's rows) + c mu_f. The

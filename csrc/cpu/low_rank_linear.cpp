@@ -93,12 +93,15 @@ at::Tensor low_rank_linear_fwd_cpu(const at::Tensor& x, const at::Tensor& u, con
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> low_rank_linear_bwd_cpu(
     const at::Tensor& x, const at::Tensor& u, const std::optional<at::Tensor>& b1, const at::Tensor& v,
-    const at::Tensor& g, int64_t act) {
+    const at::Tensor& g, const std::optional<at::Tensor>& y, int64_t act) {
   at::Tensor packed;
   cpu::LowRankLinearParams p = make_params(x, u, b1, v, std::nullopt, act, true, packed, "low_rank_linear_bwd_cpu");
-  TORCH_CHECK(g.dim() == 2 && g.is_contiguous() && g.size(0) == p.M && g.size(1) == p.d_out &&
-                  g.scalar_type() == x.scalar_type(),
-              "low_rank_linear_bwd_cpu: g must be a contiguous [M, d_out] tensor in x's dtype");
+  for (const at::Tensor* t : {&g, y ? &*y : nullptr}) {
+    TORCH_CHECK(!t || (t->dim() == 2 && t->is_contiguous() && t->size(0) == p.M && t->size(1) == p.d_out &&
+                       t->scalar_type() == x.scalar_type()),
+                "low_rank_linear_bwd_cpu: g and y must be contiguous [M, d_out] tensors in x's dtype");
+  }
+  p.g_mask = y ? y->data_ptr() : nullptr;
   const int64_t threads = at::get_num_threads();
   const auto f32 = x.options().dtype(at::kFloat);
   at::Tensor dut = at::zeros({threads, p.d_in, p.rp}, f32), dv = at::zeros({threads, p.d_out, p.rp}, f32);

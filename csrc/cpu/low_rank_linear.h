@@ -8,8 +8,8 @@
 
 namespace effkern::cpu {
 
-// Rows of x per work item: the kernels' register tiles are 6, 8, 12 or 24 rows tall (by their width), all of
-// which divide it.
+// Rows of x per work item: the kernels' register tiles are 6, 8 or 12 rows tall (by their width), all of which
+// divide it; two of the 12-row tiles share each weight row read into L1.
 constexpr int kLowRankLinearRows = 24;
 
 // Padded widths: multiples of 16 floats (every vector width), zero-filled by the host.
@@ -28,6 +28,7 @@ struct LowRankLinearParams {
   const void* x;    // [M][d_in] contiguous, in dtype
   void* y;          // [M][d_out] (forward)
   const void* g;    // [M][d_out] gradient of y (backward)
+  const void* g_mask;  // [M][d_out] or null (backward): y of a relu'd output; g counts only where it is > 0
   void* dx;         // [M][d_in] (backward)
   // Backward weight-gradient accumulators, one slice per thread (summed by the host): dU^T, dV, db1, db2.
   float* dut;  // [threads][d_in][rp]

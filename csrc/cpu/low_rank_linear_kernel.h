@@ -3,13 +3,15 @@
 // Work item = a tile of kLrlRows rows of x. Forward: t = x U^T + b1, bias and activation in registers, act(t)
 // kept in L1 scratch (never in memory), then y = act(t) V^T + b2, relu'd in registers when asked. Every product is
 // one register-tiled micro-kernel: per k, NV vector loads of a packed weight row, one broadcast per tile row,
-// MR * NV FMAs into kLrlAcc accumulators; the tile's height MR = kLrlAcc / NV grows as its width shrinks (AVX-512:
-// 6 x 4, 8 x 3, 12 x 2, 24 x 1 vectors, every tile loop fully unrolled), so a narrow rank (16: one vector) still
-// does 24 FMAs per weight load. An output far larger than the L2s is written with streaming stores (no
-// read-for-ownership; the host decides, stream_y).
-// Backward, per tile: recompute t (cheaper than writing it), da = g V, dt = da * act'(t), dx = dt U (written),
-// and accumulate this thread's dV += g^T act(t), dU^T += x^T dt, db1, db2 with a tile of act(t) / dt held in
-// registers while the weight-gradient rows stream through.
+// MR * NV FMAs into up to kLrlAcc accumulators; the tile's height MR = kLrlAcc / NV grows as its width shrinks
+// (AVX-512: 6 x 4, 8 x 3, 12 x 2 vectors, every tile loop fully unrolled), up to 12 rows: a taller tile needs more
+// row pointers than x86 has registers (24 x 1 reloaded half of them from the stack on every k and ran 6% slower at
+// rank 16 than 12 x 1). An output far larger than the L2s is written with streaming stores (no read-for-ownership;
+// the host decides, stream_y).
+// Backward, per tile: stage g (zeroed where a relu'd y is not > 0: the out_act's backward in the same pass),
+// recompute t (cheaper than writing it), da = g V, dt = da * act'(t), dx = dt U (written), and accumulate this
+// thread's dV += g^T act(t), dU^T += x^T dt, db1, db2 with a tile of act(t) / dt held in registers while the
+// weight-gradient rows stream through.
 // No include guard: included once per ISA (see kernels_isa.cpp).
 
 namespace effkern::cpu::EFFKERN_ISA {
@@ -20,8 +22,9 @@ constexpr int kLrlVecs = Vec::W >= 16 ? 4 : 2;   // the widest micro-tile, in ve
 
 template <int NV>
 constexpr int lrl_rows() {
-  static_assert(kLrlAcc % NV == 0 && kLrlRows % (kLrlAcc / NV) == 0, "micro-tiles must tile the row tile");
-  return kLrlAcc / NV;
+  constexpr int rows = kLrlAcc / NV < 12 ? kLrlAcc / NV : 12;
+  static_assert(kLrlAcc % NV == 0 && kLrlRows % rows == 0, "micro-tiles must tile the row tile");
+  return rows;
 }
 
 // acc[i][j] = sum_k A[i lda + k] * B[k ldb + j W] for MR rows and NV vectors of columns.
@@ -66,14 +69,23 @@ inline void lrl_product(const float* A, int64_t lda, const float* B, int64_t ldb
 }
 
 // Rows [r0, r0 + rows) of a [M][n] matrix as fp32 dst [kLrlRows][ld]; columns n..ld and rows past `rows` are 0.
+// With a `mask` (a [M][n] matrix in the same dtype), only the elements where it is > 0 are kept, the others 0.
 template <DType DT>
-inline void lrl_stage(const void* src, int64_t r0, int64_t rows, int64_t n, int64_t ld, float* dst) {
+inline void lrl_stage(const void* src, int64_t r0, int64_t rows, int64_t n, int64_t ld, float* dst,
+                      const void* mask = nullptr) {
   for (int i = 0; i < kLrlRows; ++i) {
     float* row = dst + i * ld;
     int64_t c = 0;
     if (i < rows) {
-      for (; c + Vec::W <= n; c += Vec::W) load_vec<DT>(src, (r0 + i) * n + c).store(row + c);
-      for (; c < n; ++c) row[c] = load_scalar<DT>(src, (r0 + i) * n + c);
+      const int64_t at = (r0 + i) * n;
+      if (mask) {
+        for (; c + Vec::W <= n; c += Vec::W)
+          Vec::select_pos(load_vec<DT>(mask, at + c), load_vec<DT>(src, at + c), Vec::zero()).store(row + c);
+        for (; c < n; ++c) row[c] = load_scalar<DT>(mask, at + c) > 0.f ? load_scalar<DT>(src, at + c) : 0.f;
+      } else {
+        for (; c + Vec::W <= n; c += Vec::W) load_vec<DT>(src, at + c).store(row + c);
+        for (; c < n; ++c) row[c] = load_scalar<DT>(src, at + c);
+      }
     }
     for (; c < ld; ++c) row[c] = 0.f;
   }
@@ -255,7 +267,7 @@ void lrl_bwd(const LowRankLinearParams& p, int64_t begin, int64_t end, float* sc
   for (int64_t tile = begin; tile < end; ++tile) {
     const int64_t r0 = tile * kLrlRows, rows = min64(kLrlRows, p.M - r0);
     const float* X = lrl_rows_of_x<DT>(p, r0, rows, staging);
-    lrl_stage<DT>(p.g, r0, rows, p.d_out, p.dop, G);  // rows past `rows` are zero: they add nothing below
+    lrl_stage<DT>(p.g, r0, rows, p.d_out, p.dop, G, p.g_mask);  // rows past `rows` are 0: they add nothing
     lrl_hidden(p, X, T, A);
     lrl_product(G, p.dop, p.vp, p.rp, p.d_out, p.rp, kLrlRows, [&](int64_t i0, int64_t c0, auto& acc) {
       constexpr int MR = std::extent_v<std::remove_reference_t<decltype(acc)>, 0>;

@@ -56,11 +56,16 @@ def reference(x, u, b1, v, b2, act: int, out_act: int) -> torch.Tensor:
     return _act(F.linear(a, v.float(), None if b2 is None else b2.float()), out_act).to(x.dtype)
 
 
-def bwd_reference(x, u, b1, v, g, act: int):
-    """``(dx, du, db1, dv, db2)`` in the inputs' dtype: dt = (g V) * act'(t), dx = dt U, dU = dt^T x,
-    dV = g^T act(t), db1 = sum dt, db2 = sum g."""
+def _masked(g, y):
+    """The gradient through a relu'd output y (None: no out_act): g where y > 0, as torch's relu backward."""
+    return g if y is None else torch.ops.aten.threshold_backward(g, y, 0)
+
+
+def bwd_reference(x, u, b1, v, g, y, act: int):
+    """``(dx, du, db1, dv, db2)`` in the inputs' dtype: with g masked by y > 0 when y (the relu'd output) is given,
+    dt = (g V) * act'(t), dx = dt U, dU = dt^T x, dV = g^T act(t), db1 = sum dt, db2 = sum g."""
     t, a = _hidden(x, u, b1, act)
-    gf = g.float()
+    gf = _masked(g, y).float()
     dt = (gf @ v.float()) * _act_grad(t, act)
     grads = (dt @ u.float(), dt.t() @ x.float(), dt.sum(0), gf.t() @ a, gf.sum(0))
     return tuple(t.to(x.dtype) for t in grads)
@@ -78,11 +83,12 @@ def _native_fwd(x, u, b1, v, b2, act, out_act):
                                                                                   v.contiguous(), b2, act, out_act)
 
 
-def _cpu_bwd(x, u, b1, v, g, act):
-    return tuple(_backend.extension().low_rank_linear_bwd_cpu(x, u, b1, v, g, act))
+def _cpu_bwd(x, u, b1, v, g, y, act):
+    return tuple(_backend.extension().low_rank_linear_bwd_cpu(x, u, b1, v, g, y, act))
 
 
-def _cuda_bwd(x, u, b1, v, g, act):
+def _cuda_bwd(x, u, b1, v, g, y, act):
+    g = _masked(g, y)
     dx, hidden, dt = _backend.extension().low_rank_linear_bwd_cuda(x, u.contiguous(), b1, v.contiguous(), g, act)
     du, db1, dv, db2 = _weight_grads(x, g, hidden, dt)
     return dx, du, db1, dv, db2
@@ -94,9 +100,10 @@ def _triton_fwd(*args):
     return low_rank_linear_fwd_triton(*args)
 
 
-def _triton_bwd(x, u, b1, v, g, act):
+def _triton_bwd(x, u, b1, v, g, y, act):
     from effkern.triton_kernels.low_rank_linear import low_rank_linear_bwd_triton
 
+    g = _masked(g, y)
     dx, hidden, dt = low_rank_linear_bwd_triton(x, u, b1, v, g, act)
     du, db1, dv, db2 = _weight_grads(x, g, hidden, dt)
     return dx, du, db1, dv, db2
@@ -127,13 +134,15 @@ def _(x, u, b1, v, b2, act, out_act):
 
 @torch.library.custom_op("effkern::low_rank_linear_bwd", mutates_args=())
 def bwd_op(x: torch.Tensor, u: torch.Tensor, b1: torch.Tensor | None, v: torch.Tensor, g: torch.Tensor,
-           act: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dx, du, db1, dv, db2) from x, the weights and g = dL/dy (contiguous [M, d_out])."""
-    return _backend.run("low_rank_linear", x.device, _preferred(x, u), _BWD, x, u, b1, v, g, act)
+           y: torch.Tensor | None, act: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                      torch.Tensor]:
+    """(dx, du, db1, dv, db2) from x, the weights and g = dL/dy (contiguous [M, d_out]); y, the forward's output when
+    it was relu'd (else None), masks g to where y > 0 (the C++ CPU kernel in the same pass, the GPU backends first)."""
+    return _backend.run("low_rank_linear", x.device, _preferred(x, u), _BWD, x, u, b1, v, g, y, act)
 
 
 @bwd_op.register_fake
-def _(x, u, b1, v, g, act):
+def _(x, u, b1, v, g, y, act):
     return (torch.empty_like(x), torch.empty_like(u), u.new_empty(u.shape[0]), torch.empty_like(v),
             v.new_empty(v.shape[0]))
 
@@ -146,9 +155,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, g):
     x, u, b1, v, y = ctx.saved_tensors
-    if y is not None:  # relu'd output: the gradient passes where y > 0 (torch's own relu backward, one pass)
-        g = torch.ops.aten.threshold_backward(g, y, 0)
-    dx, du, db1, dv, db2 = bwd_op(x, u, b1, v, g.contiguous(), ctx.act)
+    dx, du, db1, dv, db2 = bwd_op(x, u, b1, v, g.contiguous(), y, ctx.act)
     return dx, du, db1 if b1 is not None else None, dv, db2 if ctx.has_b2 else None, None, None
 
 

@@ -145,8 +145,9 @@ def test_opcheck_and_compile():
     torch.library.opcheck(torch.ops.effkern.low_rank_linear.default, (x, u, b1, v, b2, 2, 0))
     torch.library.opcheck(torch.ops.effkern.low_rank_linear.default, (x, u, None, v, None, 1, 1))
     g = torch.randn(10, 6)
-    torch.library.opcheck(torch.ops.effkern.low_rank_linear_bwd.default, (x.detach(), u.detach(), b1.detach(),
-                                                                         v.detach(), g, 0))
+    for y in (None, F.relu(g.flip(0))):
+        torch.library.opcheck(torch.ops.effkern.low_rank_linear_bwd.default, (x.detach(), u.detach(), b1.detach(),
+                                                                             v.detach(), g, y, 0))
 
     def loss(x, u, v, b1, b2):
         return low_rank_linear(x, u, v, b1, b2, activation="gelu").square().sum()
