@@ -67,6 +67,13 @@ cpu::LowRankLinearParams make_params(const at::Tensor& x, const at::Tensor& u, c
 
 constexpr int64_t kStreamBytes = int64_t{4} << 20;  // outputs from 4 MiB on are written with streaming stores
 
+// An output far larger than the L2s leaves the caches anyway: skipping its read-for-ownership saves a third of
+// the kernel's memory traffic (measured: 400 -> 32 -> 400 at batch 4096 went from 0.9x to 1.16x the torch pair).
+bool streamable(const at::Tensor& out, const cpu::LowRankLinearParams& p) {
+  return out.numel() * static_cast<int64_t>(sizeof(float)) >= kStreamBytes && p.dtype == cpu::DType::f32 &&
+         out.size(1) % 16 == 0 && reinterpret_cast<uintptr_t>(out.data_ptr()) % 64 == 0;
+}
+
 int64_t tiles(int64_t rows) { return (rows + cpu::kLowRankLinearRows - 1) / cpu::kLowRankLinearRows; }
 
 }  // namespace
@@ -80,10 +87,7 @@ at::Tensor low_rank_linear_fwd_cpu(const at::Tensor& x, const at::Tensor& u, con
   at::Tensor y = at::empty({p.M, p.d_out}, x.options());
   p.y = y.data_ptr();
   p.relu_y = out_act == 1;
-  // An output far larger than the L2s leaves the caches anyway: skipping its read-for-ownership saves a third of
-  // the kernel's memory traffic (measured: 400 -> 32 -> 400 at batch 4096 went from 0.9x to 1.16x the torch pair).
-  p.stream_y = p.M * p.d_out * static_cast<int64_t>(sizeof(float)) >= kStreamBytes &&
-               p.dtype == cpu::DType::f32 && p.d_out % 16 == 0 && reinterpret_cast<uintptr_t>(p.y) % 64 == 0;
+  p.stream = streamable(y, p);
   const auto fn = cpu::pick_isa(&cpu::avx512::low_rank_linear_fwd_tiles, &cpu::avx2::low_rank_linear_fwd_tiles,
                                 &cpu::generic::low_rank_linear_fwd_tiles);
   cpu::parallel_chunks(tiles(p.M), 1, cpu::low_rank_linear_fwd_scratch(p),
@@ -108,6 +112,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> low_rank_
   at::Tensor db1 = at::zeros({threads, p.rp}, f32), db2 = at::zeros({threads, p.dop}, f32);
   at::Tensor dx = at::empty({p.M, p.d_in}, x.options());
   p.g = g.data_ptr(), p.dx = dx.data_ptr();
+  p.stream = streamable(dx, p);
   p.dut = dut.data_ptr<float>(), p.dv = dv.data_ptr<float>(), p.db1 = db1.data_ptr<float>();
   p.db2 = db2.data_ptr<float>();
   const auto fn = cpu::pick_isa(&cpu::avx512::low_rank_linear_bwd_tiles, &cpu::avx2::low_rank_linear_bwd_tiles,

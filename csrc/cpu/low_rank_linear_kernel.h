@@ -7,7 +7,7 @@
 // (AVX-512: 6 x 4, 8 x 3, 12 x 2 vectors, every tile loop fully unrolled), up to 12 rows: a taller tile needs more
 // row pointers than x86 has registers (24 x 1 reloaded half of them from the stack on every k and ran 6% slower at
 // rank 16 than 12 x 1). An output far larger than the L2s is written with streaming stores (no read-for-ownership;
-// the host decides, stream_y).
+// the host decides, `stream`); so is the backward's dx.
 // Backward, per tile: stage g (zeroed where a relu'd y is not > 0: the out_act's backward in the same pass),
 // recompute t (cheaper than writing it), da = g V, dt = da * act'(t), dx = dt U (written), and accumulate this
 // thread's dV += g^T act(t), dU^T += x^T dt, db1, db2 with a tile of act(t) / dt held in registers while the
@@ -204,10 +204,10 @@ void lrl_fwd(const LowRankLinearParams& p, int64_t begin, int64_t end, float* sc
     const int64_t r0 = tile * kLrlRows, rows = min64(kLrlRows, p.M - r0);
     lrl_hidden(p, lrl_rows_of_x<DT>(p, r0, rows, staging), nullptr, A);
     lrl_product(A, p.rp, p.vt, p.dop, p.r, p.dop, rows, [&](int64_t i0, int64_t o0, auto& acc) {
-      lrl_store<DT>(acc, p.b2, p.y, r0, i0, rows, o0, p.d_out, p.relu_y, p.stream_y);
+      lrl_store<DT>(acc, p.b2, p.y, r0, i0, rows, o0, p.d_out, p.relu_y, p.stream);
     });
   }
-  if (p.stream_y) _mm_sfence();  // streamed stores are weakly ordered: complete them before y is read
+  if (p.stream) _mm_sfence();  // streamed stores are weakly ordered: complete them before y is read
 }
 
 // W[k][c0 + j W] += sum_i S[i ls + k] * R[i][j] for k < K: a rank-MR update of K rows of a weight gradient, with
@@ -281,7 +281,7 @@ void lrl_bwd(const LowRankLinearParams& p, int64_t begin, int64_t end, float* sc
       }
     });
     lrl_product(D, p.rp, p.up, p.dinp, p.r, p.dinp, rows, [&](int64_t i0, int64_t k0, auto& acc) {  // dx = dt U
-      lrl_store<DT>(acc, nullptr, p.dx, r0, i0, rows, k0, p.d_in, false, false);
+      lrl_store<DT>(acc, nullptr, p.dx, r0, i0, rows, k0, p.d_in, false, p.stream);
     });
     lrl_rank_update(dv, p.rp, G, p.dop, p.d_out, A, p.rp, p.rp, rows);   // dV += g^T act(t)
     lrl_rank_update(dut, p.rp, X, p.d_in, p.d_in, D, p.rp, p.rp, rows);  // dU^T += x^T dt
@@ -290,6 +290,7 @@ void lrl_bwd(const LowRankLinearParams& p, int64_t begin, int64_t end, float* sc
       for (int64_t c = 0; c < p.dop; c += Vec::W) (Vec::load(db2 + c) + Vec::load(G + i * p.dop + c)).store(db2 + c);
     }
   }
+  if (p.stream) _mm_sfence();
 }
 
 void low_rank_linear_fwd_tiles(const LowRankLinearParams& p, int64_t begin, int64_t end, float* scratch) {

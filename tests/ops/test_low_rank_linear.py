@@ -92,10 +92,12 @@ def test_cpu_matches_reference(m, d_in, r, d_out, acts, dtype):
     check("cpu", make(m, d_in, r, d_out, dtype), acts, isas=ISAS)
 
 
-def test_cpu_streamed_output_matches_reference():
-    """An fp32 output of 4 MiB or more is written with streaming stores (and the relu in the same store)."""
+def test_cpu_streamed_outputs_match_reference():
+    """An fp32 output of 4 MiB or more is written with streaming stores: y (with the relu in the same store) and the
+    backward's dx."""
     for acts in (("relu", "none"), ("none", "relu")):
         check("cpu", make(2100, 40, 16, 512, torch.float32), acts, isas=ISAS)
+        check("cpu", make(2100, 512, 16, 40, torch.float32), acts, isas=ISAS)
 
 
 @pytest.mark.parametrize("acts", ACTS)
