@@ -5,7 +5,7 @@
 // one register-tiled micro-kernel: per k, NV vector loads of a packed weight row, one broadcast per tile row,
 // MR * NV FMAs into up to kLrlAcc accumulators; the tile's height MR = kLrlAcc / NV grows as its width shrinks
 // (AVX-512: 6 x 4, 8 x 3, 12 x 2 vectors, every tile loop fully unrolled), up to 12 rows: a taller tile needs more
-// row pointers than x86 has registers (24 x 1 reloaded half of them from the stack on every k and ran 6% slower at
+// row pointers than x86 has registers (24 x 1 reloaded half of them from the stack on every k and ran 2-6% slower at
 // rank 16 than 12 x 1). An output far larger than the L2s is written with streaming stores (no read-for-ownership;
 // the host decides, `stream`); so is the backward's dx.
 // Backward, per tile: stage g (zeroed where a relu'd y is not > 0: the out_act's backward in the same pass),
@@ -290,7 +290,7 @@ void lrl_bwd(const LowRankLinearParams& p, int64_t begin, int64_t end, float* sc
       for (int64_t c = 0; c < p.dop; c += Vec::W) (Vec::load(db2 + c) + Vec::load(G + i * p.dop + c)).store(db2 + c);
     }
   }
-  if (p.stream) _mm_sfence();
+  if (p.stream) _mm_sfence();  // as in lrl_fwd: complete the streamed dx before it is read
 }
 
 void low_rank_linear_fwd_tiles(const LowRankLinearParams& p, int64_t begin, int64_t end, float* scratch) {
