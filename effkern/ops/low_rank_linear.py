@@ -72,13 +72,6 @@ def bwd_reference(x, u, b1, v, g, y, act: int):
     return tuple(t.to(x.dtype) for t in grads)
 
 
-def _weight_grads(x, g, hidden, dt):
-    """(du, db1, dv, db2) from the rank-sized act(t) and dt of a GPU backward: GEMMs over all rows (cuBLAS), fp32."""
-    acc = torch.float32
-    return ((dt.t().to(acc) @ x.to(acc)).to(x.dtype), dt.to(acc).sum(0).to(x.dtype),
-            (g.t().to(acc) @ hidden.to(acc)).to(x.dtype), g.to(acc).sum(0).to(x.dtype))
-
-
 def _native_fwd(x, u, b1, v, b2, act, out_act):
     return getattr(_backend.extension(), f"low_rank_linear_fwd_{x.device.type}")(x, u.contiguous(), b1,
                                                                                   v.contiguous(), b2, act, out_act)
@@ -88,11 +81,21 @@ def _cpu_bwd(x, u, b1, v, g, y, act):
     return tuple(_backend.extension().low_rank_linear_bwd_cpu(x, u, b1, v, g, y, act))
 
 
-def _cuda_bwd(x, u, b1, v, g, y, act):
-    g = _masked(g, y)
-    dx, hidden, dt = _backend.extension().low_rank_linear_bwd_cuda(x, u.contiguous(), b1, v.contiguous(), g, act)
-    du, db1, dv, db2 = _weight_grads(x, g, hidden, dt)
-    return dx, du, db1, dv, db2
+def _gpu_bwd(dx_kernel):
+    """A GPU backend's backward from its kernel ``dx_kernel(x, u, b1, v, g, act) -> (dx, act(t), dt)``: g masked by
+    y first (the weight-gradient GEMMs need the masked g too), then du, db1, dv, db2 from the rank-sized act(t) and
+    dt by GEMMs over all rows (cuBLAS), fp32."""
+    def bwd(x, u, b1, v, g, y, act):
+        g = _masked(g, y)
+        dx, hidden, dt = dx_kernel(x, u, b1, v, g, act)
+        acc = torch.float32
+        return (dx, (dt.t().to(acc) @ x.to(acc)).to(x.dtype), dt.to(acc).sum(0).to(x.dtype),
+                (g.t().to(acc) @ hidden.to(acc)).to(x.dtype), g.to(acc).sum(0).to(x.dtype))
+    return bwd
+
+
+def _cuda_dx(x, u, b1, v, g, act):
+    return _backend.extension().low_rank_linear_bwd_cuda(x, u.contiguous(), b1, v.contiguous(), g, act)
 
 
 def _triton_fwd(*args):
@@ -101,17 +104,14 @@ def _triton_fwd(*args):
     return low_rank_linear_fwd_triton(*args)
 
 
-def _triton_bwd(x, u, b1, v, g, y, act):
+def _triton_dx(*args):
     from effkern.triton_kernels.low_rank_linear import low_rank_linear_bwd_triton
 
-    g = _masked(g, y)
-    dx, hidden, dt = low_rank_linear_bwd_triton(x, u, b1, v, g, act)
-    du, db1, dv, db2 = _weight_grads(x, g, hidden, dt)
-    return dx, du, db1, dv, db2
+    return low_rank_linear_bwd_triton(*args)
 
 
 _FWD = {"reference": reference, "cpu": _native_fwd, "cuda": _native_fwd, "triton": _triton_fwd}
-_BWD = {"reference": bwd_reference, "cpu": _cpu_bwd, "cuda": _cuda_bwd, "triton": _triton_bwd}
+_BWD = {"reference": bwd_reference, "cpu": _cpu_bwd, "cuda": _gpu_bwd(_cuda_dx), "triton": _gpu_bwd(_triton_dx)}
 CUDA_MAX_RANK = 64  # csrc/cuda/low_rank_linear.cuh: kLowRankLinearMaxRank
 
 
