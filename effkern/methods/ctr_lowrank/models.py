@@ -75,8 +75,9 @@ class CTRModel(nn.Module):
         """``[B, dnn width]``: the flattened embeddings (the compressed rows once the reconstruction is folded)."""
         if not self.dnn_reads_compressed:
             return e.flatten(1)
-        if ids.dim() == 3 and bool((ids < 0).all(-1).any()):
-            b, f = (int(i) for i in (ids < 0).all(-1).nonzero()[0])
+        empty = (ids < 0).all(-1) if ids.dim() == 3 else None
+        if empty is not None and bool(empty.any()):
+            b, f = (int(i) for i in empty.nonzero()[0])
             raise ValueError(f"ids[{b}, {f}] is an empty bag: this compressed model's first DNN layer holds every "
                              "field's mean in its bias (the reconstruction folded in), exact only when each field has "
                              "an id; compress with emb_rank=0 to keep the embedding for data with empty bags")
