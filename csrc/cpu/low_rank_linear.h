@@ -37,8 +37,8 @@ struct LowRankLinearParams {
   float* db2;  // [threads][dop]
   int64_t M, d_in, r, d_out, rp, dop, dinp;
   bool relu_y;    // y = relu(...) (the forward's out_act)
-  bool stream;    // write y (forward) / dx (backward) with non-temporal stores (the host: fp32, far larger than
-                  // the L2s, 64-byte rows)
+  bool stream;    // write y (forward) / dx (backward) with non-temporal stores (the host: fp32, larger than a
+                  // core's L2, 64-byte rows)
   LowRankAct act;
   DType dtype;
 };

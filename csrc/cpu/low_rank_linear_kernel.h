@@ -6,7 +6,7 @@
 // MR * NV FMAs into up to kLrlAcc accumulators; the tile's height MR = kLrlAcc / NV grows as its width shrinks
 // (AVX-512: 6 x 4, 8 x 3, 12 x 2 vectors, every tile loop fully unrolled), up to 12 rows: a taller tile needs more
 // row pointers than x86 has registers (24 x 1 reloaded half of them from the stack on every k and ran 2-6% slower at
-// rank 16 than 12 x 1). An output far larger than the L2s is written with streaming stores (no read-for-ownership;
+// rank 16 than 12 x 1). An output larger than a core's L2 is written with streaming stores (no read-for-ownership;
 // the host decides, `stream`); so is the backward's dx.
 // Backward, per tile: stage g (zeroed where a relu'd y is not > 0: the out_act's backward in the same pass),
 // recompute t (cheaper than writing it), da = g V, dt = da * act'(t), dx = dt U (written), and accumulate this

@@ -10,7 +10,7 @@ gelu (exact, erf-based, as ``F.gelu``), ``out_act`` none or relu (its backward, 
 Fused: the rank-r hidden layer is never written to memory. The C++ CPU kernel runs both products over tiles of 24
 rows of x held in fp32 registers/L1 (its own AVX-512 / AVX2 micro-kernels on weights packed once per call), the
 bias and activation applied in registers between them and the output's bias and ReLU as it is stored (streaming
-stores from a 4 MiB output on); its backward recomputes the hidden layer per tile (one
+stores from a 1 MiB output on); its backward recomputes the hidden layer per tile (one
 extra rank-r product instead of storing it), applies the output ReLU's backward as it reads g and accumulates the
 weight gradients per thread. On CUDA tensors:
 ranks up to 64 run the CUDA kernels (a block of 64 rows holds the whole hidden tile in shared memory, fp32
