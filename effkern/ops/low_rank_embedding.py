@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from effkern.ops import _backend
+from effkern.ops._autograd import register_autograd
 from effkern.ops._checks import FLOAT_DTYPES, INDEX_DTYPES, bounds_checkable, check_same_dtype, check_tensor
 
 MODES = ("sum", "mean")
@@ -150,7 +151,7 @@ def _backward(ctx, g):
     return None, dtable, None, du, dmu, None
 
 
-fwd_op.register_autograd(_backward, setup_context=_setup_context)
+_Autograd = register_autograd(fwd_op, _backward, _setup_context)
 
 
 def low_rank_embedding(ids: torch.Tensor, table: torch.Tensor, offsets: torch.Tensor, u: torch.Tensor,
@@ -182,7 +183,8 @@ def low_rank_embedding(ids: torch.Tensor, table: torch.Tensor, offsets: torch.Te
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     ids = ids if ids.dim() == 3 else ids[..., None]
     check_ids(ids, offsets, table.shape[0])
-    return fwd_op(ids.long().contiguous(), table.contiguous(), offsets.long().contiguous(), u, mu, mode == "mean")
+    return _Autograd.apply(ids.long().contiguous(), table.contiguous(), offsets.long().contiguous(), u, mu,
+                           mode == "mean")
 
 
 def check_ids(ids: torch.Tensor, offsets: torch.Tensor, n_rows: int) -> None:

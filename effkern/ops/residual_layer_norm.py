@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from effkern.ops import _backend
+from effkern.ops._autograd import register_autograd
 from effkern.ops._checks import FLOAT_DTYPES, check_same_dtype, check_tensor
 
 
@@ -103,7 +104,7 @@ def _backward(ctx, dh, dx, _drstd):
     return du, dz, None
 
 
-fwd_op.register_autograd(_backward, setup_context=_setup_context)
+_Autograd = register_autograd(fwd_op, _backward, _setup_context)
 
 
 def residual_layer_norm(u: torch.Tensor, z: torch.Tensor, eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
@@ -127,5 +128,5 @@ def residual_layer_norm(u: torch.Tensor, z: torch.Tensor, eps: float = 1e-5) -> 
                          f"{tuple(u.shape)}), got {tuple(z.shape)}")
     if not eps > 0:
         raise ValueError(f"eps must be > 0, got {eps}")
-    h, x, _ = fwd_op(u.contiguous(), z.contiguous(), float(eps))
+    h, x, _ = _Autograd.apply(u.contiguous(), z.contiguous(), float(eps))
     return h, x
