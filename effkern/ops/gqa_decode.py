@@ -27,6 +27,7 @@ from effkern.ops._checks import (
     check_same_dtype,
     check_tensor,
 )
+from effkern.ops._op import custom_op
 from effkern.ops.rope import STYLES, Rope, apply_rope
 
 CUDA_MAX_HEAD_DIM = 256
@@ -93,7 +94,7 @@ def _preferred(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) ->
     return ["triton"]
 
 
-@torch.library.custom_op("effkern::gqa_decode", mutates_args=())
+@custom_op("effkern::gqa_decode")
 def gqa_decode_op(
     q: torch.Tensor,
     k_cache: torch.Tensor,

@@ -26,8 +26,8 @@ import math
 import torch
 
 from effkern.ops import _backend
-from effkern.ops._autograd import register_autograd
 from effkern.ops._checks import FLOAT_DTYPES, check_same_dtype, check_tensor
+from effkern.ops._op import custom_op, register_autograd
 
 
 def _heads(t: torch.Tensor, heads: int) -> torch.Tensor:
@@ -98,7 +98,7 @@ def _preferred(qkv: torch.Tensor, heads: int) -> list[str]:
     return ["cuda", "triton"] if qkv.shape[-1] // (3 * heads) <= CUDA_MAX_HEAD_DIM else ["triton"]
 
 
-@torch.library.custom_op("effkern::low_rank_attention_core", mutates_args=())
+@custom_op("effkern::low_rank_attention_core")
 def core_op(qkv: torch.Tensor, heads: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention inside the low-rank space: qkv [K, B, N, 3r] (any strides, contiguous last dim) ->
     (out [K, B, N, r], lse fp32 [K, B, H, N])."""
@@ -111,7 +111,7 @@ def _(qkv, heads, scale):
     return qkv.new_empty((kk, b, n, three_r // 3)), qkv.new_empty((kk, b, heads, n), dtype=torch.float32)
 
 
-@torch.library.custom_op("effkern::low_rank_attention_core_bwd", mutates_args=())
+@custom_op("effkern::low_rank_attention_core_bwd")
 def core_bwd_op(qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, dout: torch.Tensor, heads: int,
                 scale: float) -> torch.Tensor:
     """dqkv [K, B, N, 3r] (contiguous) of the core from its saved forward and dout [K, B, N, r] (contiguous)."""

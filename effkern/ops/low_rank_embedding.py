@@ -20,8 +20,8 @@ from __future__ import annotations
 import torch
 
 from effkern.ops import _backend
-from effkern.ops._autograd import register_autograd
 from effkern.ops._checks import FLOAT_DTYPES, INDEX_DTYPES, bounds_checkable, check_same_dtype, check_tensor
+from effkern.ops._op import custom_op, register_autograd
 
 MODES = ("sum", "mean")
 
@@ -113,7 +113,7 @@ def _preferred(table: torch.Tensor) -> list[str]:
     return ["cuda", "triton"] if table.shape[1] <= CUDA_MAX_RANK else ["triton"]
 
 
-@torch.library.custom_op("effkern::low_rank_embedding", mutates_args=())
+@custom_op("effkern::low_rank_embedding")
 def fwd_op(ids: torch.Tensor, table: torch.Tensor, offsets: torch.Tensor, u: torch.Tensor, mu: torch.Tensor,
            mean: bool) -> torch.Tensor:
     """ids int64 [B, F, L] (-1 = padding), table contiguous [V, k], offsets int64 [F], u [F, d, k], mu [F, d]."""
@@ -126,7 +126,7 @@ def _(ids, table, offsets, u, mu, mean):
     return table.new_empty((ids.shape[0], ids.shape[1], u.shape[1]))
 
 
-@torch.library.custom_op("effkern::low_rank_embedding_bwd", mutates_args=())
+@custom_op("effkern::low_rank_embedding_bwd")
 def bwd_op(ids: torch.Tensor, table: torch.Tensor, offsets: torch.Tensor, u: torch.Tensor, mu: torch.Tensor,
            g: torch.Tensor, mean: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dtable, du, dmu) from g = dL/dout (contiguous [B, F, d])."""

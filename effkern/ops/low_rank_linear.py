@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from effkern.ops import _backend
-from effkern.ops._autograd import register_autograd
 from effkern.ops._checks import FLOAT_DTYPES, check_same_dtype, check_tensor
+from effkern.ops._op import custom_op, register_autograd
 
 ACTIVATIONS = ("none", "relu", "gelu")  # the kernels' act codes are the indices
 OUT_ACTIVATIONS = ("none", "relu")  # out_act codes, the same way
@@ -122,7 +122,7 @@ def _preferred(x: torch.Tensor, u: torch.Tensor) -> list[str]:
     return ["cuda", "triton"] if u.shape[0] <= CUDA_MAX_RANK else ["triton"]
 
 
-@torch.library.custom_op("effkern::low_rank_linear", mutates_args=())
+@custom_op("effkern::low_rank_linear")
 def fwd_op(x: torch.Tensor, u: torch.Tensor, b1: torch.Tensor | None, v: torch.Tensor, b2: torch.Tensor | None,
            act: int, out_act: int) -> torch.Tensor:
     """x contiguous [M, d_in] -> y [M, d_out]."""
@@ -134,7 +134,7 @@ def _(x, u, b1, v, b2, act, out_act):
     return x.new_empty((x.shape[0], v.shape[0]))
 
 
-@torch.library.custom_op("effkern::low_rank_linear_bwd", mutates_args=())
+@custom_op("effkern::low_rank_linear_bwd")
 def bwd_op(x: torch.Tensor, u: torch.Tensor, b1: torch.Tensor | None, v: torch.Tensor, g: torch.Tensor,
            y: torch.Tensor | None, act: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                                       torch.Tensor]:

@@ -20,8 +20,8 @@ from __future__ import annotations
 import torch
 
 from effkern.ops import _backend
-from effkern.ops._autograd import register_autograd
 from effkern.ops._checks import FLOAT_DTYPES, check_same_dtype, check_tensor
+from effkern.ops._op import custom_op, register_autograd
 
 
 def reference(u: torch.Tensor, z: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -67,7 +67,7 @@ def _preferred(t: torch.Tensor) -> list[str]:
     return ["cpu"] if t.device.type == "cpu" else ["triton"]
 
 
-@torch.library.custom_op("effkern::residual_layer_norm", mutates_args=())
+@custom_op("effkern::residual_layer_norm")
 def fwd_op(u: torch.Tensor, z: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """u contiguous ``[..., d]``, z contiguous with ``u.shape[-z.dim():] == z.shape`` -> (h, x, rstd)."""
     return _backend.run("residual_layer_norm", u.device, _preferred(u), _FWD, u, z, eps)
@@ -78,7 +78,7 @@ def _(u, z, eps):
     return torch.empty_like(u), torch.empty_like(u), u.new_empty(u.shape[:-1], dtype=torch.float32)
 
 
-@torch.library.custom_op("effkern::residual_layer_norm_bwd", mutates_args=())
+@custom_op("effkern::residual_layer_norm_bwd")
 def bwd_op(x: torch.Tensor, rstd: torch.Tensor, dh: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
     """du (contiguous, x's shape) from contiguous x, rstd, dh and dx."""
     return _backend.run("residual_layer_norm", x.device, _preferred(x), _BWD, x, rstd, dh, dx)

@@ -1,0 +1,77 @@
+"""effkern.ops._op: the entry points reach the implementation directly only in plain eager code; everything else
+(autograd on the op itself, fake tensors, modes, torch.compile) goes through the registered custom op."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from effkern.ops import low_rank_linear
+from effkern.ops._op import plain_eager
+
+lrl = importlib.import_module("effkern.ops.low_rank_linear")  # the module (the package exports the function)
+
+
+def inputs(requires_grad=False):
+    torch.manual_seed(0)
+    ts = [torch.randn(5, 8), torch.randn(3, 8), torch.randn(3), torch.randn(6, 3), torch.randn(6)]
+    return [t.requires_grad_(requires_grad) for t in ts]
+
+
+class Counting(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture
+def op_calls(monkeypatch):
+    """Counts the calls that reach the registered custom op of low_rank_linear."""
+    calls = []
+    registered = lrl.fwd_op.op
+
+    def counted(*args):
+        calls.append(args)
+        return registered(*args)
+
+    monkeypatch.setattr(lrl.fwd_op, "op", counted)
+    return calls
+
+
+def test_plain_eager_calls_the_implementation_directly(op_calls):
+    x, u, b1, v, b2 = inputs()
+    y = lrl.fwd_op(x, u, b1, v, b2, 0, 1)
+    assert op_calls == []
+    torch.testing.assert_close(y, lrl.reference(x, u, b1, v, b2, 0, 1))
+    xg, ug, b1g, vg, b2g = inputs(requires_grad=True)
+    low_rank_linear(xg, ug, vg, b1g, b2g).sum().backward()  # the entry's Function runs the op with grad off
+    assert op_calls == [] and ug.grad is not None
+
+
+def test_the_op_itself_with_grad_goes_through_its_autograd(op_calls):
+    x, u, b1, v, b2 = inputs(requires_grad=True)
+    y = lrl.fwd_op(x, u, b1, v, b2, 0, 0)
+    assert len(op_calls) == 1 and y.grad_fn is not None
+    (du,) = torch.autograd.grad(y.sum(), u)
+    with torch.no_grad():
+        assert plain_eager([u])  # grad off: no autograd needed...
+    assert not plain_eager([u])  # ...but with grad on, an input requiring it needs the op's autograd
+    torch.testing.assert_close(du, torch.func.grad(lambda w: lrl.reference(x, w, b1, v, b2, 0, 0).sum())(u))
+
+
+def test_modes_and_fake_tensors_go_through_the_op(op_calls):
+    x, u, b1, v, b2 = inputs()
+    with Counting() as mode:
+        lrl.fwd_op(x, u, b1, v, b2, 0, 0)
+    assert len(op_calls) == 1 and "effkern.low_rank_linear.default" in mode.ops
+    with FakeTensorMode() as fake:
+        y = lrl.fwd_op(*(fake.from_tensor(t) for t in (x, u, b1, v, b2)), 0, 0)
+    assert len(op_calls) == 2 and y.shape == (5, 6)
