@@ -1,10 +1,12 @@
 // Host-side helpers of the CPU kernels (ATen allowed here, never in the per-ISA kernel headers).
 #pragma once
 
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <vector>
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -50,6 +52,30 @@ void parallel_chunks(int64_t n, int64_t grain, int64_t scratch_floats, Fn&& fn) 
     TORCH_CHECK(thread < threads, "parallel_chunks: thread index ", thread, " beyond the pool's ", threads);
     std::vector<float> scratch(scratch_floats);
     fn(begin, end, scratch.data(), thread);
+  });
+}
+
+// out[b][i][j] (out[b][j][i] when `transpose`) = the sum over threads t of acc[t][b][i][j], for j below out's
+// width, in out's dtype: the per-thread fp32 weight-gradient slices ([threads][B][I][ld], padded rows) of a
+// backward folded into its output in one pass, in place of ATen's sum + narrow + transpose + to + contiguous
+// (five dispatches and three temporaries per gradient).
+inline void sum_threads(const float* acc, int64_t threads, int64_t B, int64_t I, int64_t ld, const at::Tensor& out,
+                        bool transpose) {
+  const int64_t J = transpose ? out.size(-2) : out.size(-1), slice = B * I * ld;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "sum_threads", [&] {
+    scalar_t* o = out.data_ptr<scalar_t>();
+    at::parallel_for(0, B * I, std::max<int64_t>(1, 16384 / (J * threads)), [&](int64_t begin, int64_t end) {
+      std::vector<float> sum(J);
+      for (int64_t bi = begin; bi < end; ++bi) {
+        std::copy(acc + bi * ld, acc + bi * ld + J, sum.begin());
+        for (int64_t t = 1; t < threads; ++t) {
+          const float* a = acc + t * slice + bi * ld;
+          for (int64_t j = 0; j < J; ++j) sum[j] += a[j];
+        }
+        const int64_t b = bi / I, i = bi % I;
+        for (int64_t j = 0; j < J; ++j) o[transpose ? (b * J + j) * I + i : bi * J + j] = static_cast<scalar_t>(sum[j]);
+      }
+    });
   });
 }
 

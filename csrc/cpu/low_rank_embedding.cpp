@@ -73,20 +73,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> low_rank_embedding_bwd_cpu(const 
                   g.scalar_type() == table.scalar_type(),
               "low_rank_embedding_bwd_cpu: g must be a contiguous [B, F, d] tensor in the table's dtype");
   const int64_t threads = at::get_num_threads();
-  const auto f32 = table.options().dtype(at::kFloat);
-  at::Tensor dtable = at::zeros({threads, p.V, p.k}, f32), dut = at::zeros({threads, p.F, p.k, p.dp}, f32);
-  at::Tensor dmu = at::zeros({threads, p.F, p.dp}, f32);
+  // the per-thread gradient slices, one zeroed buffer: dtable, dU^T, dmu (see LowRankEmbeddingParams)
+  const int64_t n_dtable = (threads * p.V * p.k + 15) / 16 * 16, n_dut = threads * p.F * p.k * p.dp;  // 64-byte bases
+  at::Tensor acc = at::zeros({n_dtable + n_dut + threads * p.F * p.dp}, table.options().dtype(at::kFloat));
+  p.dtable = acc.data_ptr<float>(), p.dut = p.dtable + n_dtable, p.dmu = p.dut + n_dut;
   p.g = g.data_ptr();
-  p.dtable = dtable.data_ptr<float>(), p.dut = dut.data_ptr<float>(), p.dmu = dmu.data_ptr<float>();
   const auto fn = cpu::pick_isa(&cpu::avx512::low_rank_embedding_bwd_rows, &cpu::avx2::low_rank_embedding_bwd_rows,
                                 &cpu::generic::low_rank_embedding_bwd_rows);
   cpu::parallel_chunks(p.B, grain(p), cpu::low_rank_embedding_scratch(p),
                        [&](int64_t begin, int64_t end, float* scratch, int64_t thread) {
                          fn(p, begin, end, scratch, thread);
                        });
-  const auto dtype = table.scalar_type();
-  return {dtable.sum(0).to(dtype), dut.sum(0).narrow(2, 0, p.d).transpose(1, 2).to(dtype).contiguous(),
-          dmu.sum(0).narrow(1, 0, p.d).to(dtype).contiguous()};
+  at::Tensor dtable = at::empty({p.V, p.k}, table.options()), du = at::empty({p.F, p.d, p.k}, table.options());
+  at::Tensor dmu = at::empty({p.F, p.d}, table.options());
+  cpu::sum_threads(p.dtable, threads, 1, p.V, p.k, dtable, false);
+  cpu::sum_threads(p.dut, threads, p.F, p.k, p.dp, du, true);
+  cpu::sum_threads(p.dmu, threads, 1, p.F, p.dp, dmu, false);
+  return {dtable, du, dmu};
 }
 
 }  // namespace effkern

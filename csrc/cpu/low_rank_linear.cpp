@@ -110,26 +110,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> low_rank_
   }
   p.g_mask = y ? y->data_ptr() : nullptr;
   const int64_t threads = at::get_num_threads();
-  const auto f32 = x.options().dtype(at::kFloat);
-  at::Tensor dut = at::zeros({threads, p.d_in, p.rp}, f32), dv = at::zeros({threads, p.d_out, p.rp}, f32);
-  at::Tensor db1 = at::zeros({threads, p.rp}, f32), db2 = at::zeros({threads, p.dop}, f32);
+  // the per-thread weight-gradient slices, one zeroed buffer: dU^T, dV, db1, db2 (see LowRankLinearParams)
+  const int64_t n_dut = threads * p.d_in * p.rp, n_dv = threads * p.d_out * p.rp;
+  at::Tensor acc = at::zeros({n_dut + n_dv + threads * (p.rp + p.dop)}, x.options().dtype(at::kFloat));
+  p.dut = acc.data_ptr<float>(), p.dv = p.dut + n_dut, p.db1 = p.dv + n_dv, p.db2 = p.db1 + threads * p.rp;
   at::Tensor dx = at::empty({p.M, p.d_in}, x.options());
   p.g = g.data_ptr(), p.dx = dx.data_ptr();
   p.stream = streamable(dx, p);
-  p.dut = dut.data_ptr<float>(), p.dv = dv.data_ptr<float>(), p.db1 = db1.data_ptr<float>();
-  p.db2 = db2.data_ptr<float>();
   const auto fn = cpu::pick_isa(&cpu::avx512::low_rank_linear_bwd_tiles, &cpu::avx2::low_rank_linear_bwd_tiles,
                                 &cpu::generic::low_rank_linear_bwd_tiles);
   cpu::parallel_chunks(tiles(p.M), 1, cpu::low_rank_linear_bwd_scratch(p),
                        [&](int64_t begin, int64_t end, float* scratch, int64_t thread) {
                          fn(p, begin, end, scratch, thread);
                        });
-  const auto dtype = x.scalar_type();
-  return {dx,
-          dut.sum(0).narrow(1, 0, p.r).t().to(dtype).contiguous(),
-          db1.sum(0).narrow(0, 0, p.r).to(dtype),
-          dv.sum(0).narrow(1, 0, p.r).to(dtype).contiguous(),
-          db2.sum(0).narrow(0, 0, p.d_out).to(dtype)};
+  at::Tensor du = at::empty({p.r, p.d_in}, x.options()), dv = at::empty({p.d_out, p.r}, x.options());
+  at::Tensor db1 = at::empty({p.r}, x.options()), db2 = at::empty({p.d_out}, x.options());
+  cpu::sum_threads(p.dut, threads, 1, p.d_in, p.rp, du, true);
+  cpu::sum_threads(p.dv, threads, 1, p.d_out, p.rp, dv, false);
+  cpu::sum_threads(p.db1, threads, 1, 1, p.rp, db1, false);
+  cpu::sum_threads(p.db2, threads, 1, 1, p.dop, db2, false);
+  return {dx, du, db1, dv, db2};
 }
 
 }  // namespace effkern
