@@ -49,10 +49,11 @@ def custom_op(name: str) -> Callable[[Callable], Op]:
     return lambda impl: Op(torch.library.custom_op(name, impl, mutates_args=()), impl)
 
 
-def register_autograd(op: Op, backward: Callable, setup_context: Callable) -> type[torch.autograd.Function]:
-    """Register ``backward`` and ``setup_context`` as the autograd of ``op`` and return an autograd.Function built
-    from the same two, for the op's Python entry point to call (``.apply``): it runs the op with grad off, so in
-    plain eager code straight into the implementation, skipping the custom op's autograd wrapper."""
+def register_autograd(op: Op, backward: Callable, setup_context: Callable) -> Callable:
+    """Register ``backward`` and ``setup_context`` as the autograd of ``op`` and return the differentiable call for
+    the op's Python entry point: the implementation directly when :func:`plain_eager` (no autograd needed), else an
+    autograd.Function built from the same two, which runs the op with grad off (so in plain eager code, again
+    straight into the implementation), skipping the custom op's autograd wrapper."""
     op.op.register_autograd(backward, setup_context=setup_context)
 
     def forward(ctx, *inputs):  # not the setup_context form: its apply binds defaults through inspect per call
@@ -60,6 +61,11 @@ def register_autograd(op: Op, backward: Callable, setup_context: Callable) -> ty
         setup_context(ctx, inputs, output)
         return output
 
-    return type("Autograd", (torch.autograd.Function,), {"forward": staticmethod(forward),
-                                                          "backward": staticmethod(backward),
-                                                          "__qualname__": f"{backward.__module__}.Autograd"})
+    function = type("Autograd", (torch.autograd.Function,), {"forward": staticmethod(forward),
+                                                              "backward": staticmethod(backward),
+                                                              "__qualname__": f"{backward.__module__}.Autograd"})
+
+    def call(*inputs):
+        return op.impl(*inputs) if plain_eager(inputs) else function.apply(*inputs)
+
+    return call

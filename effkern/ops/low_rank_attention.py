@@ -137,7 +137,7 @@ def _backward(ctx, dout, _dlse):
     return core_bwd_op(qkv, out, lse, dout.contiguous(), ctx.heads, ctx.scale), None, None
 
 
-_Autograd = register_autograd(core_op, _backward, _setup_context)
+_differentiable = register_autograd(core_op, _backward, _setup_context)
 
 
 def check_weights(x: torch.Tensor, w_qkv: torch.Tensor, w_o: torch.Tensor, heads: int,
@@ -199,5 +199,5 @@ def low_rank_attention(
     if x.dim() == 4 and x.shape[0] != kk:
         raise ValueError(f"x [K, B, N, d] must have K={kk} (w_qkv's side networks) in dim 0, got {tuple(x.shape)}")
     b, n = x.shape[-3:-1]
-    out, _ = _Autograd.apply(down_projection(x, w_qkv), heads, scale)
+    out, _ = _differentiable(down_projection(x, w_qkv), heads, scale)
     return torch.bmm(out.reshape(kk, b * n, r), w_o).view(kk, b, n, d)

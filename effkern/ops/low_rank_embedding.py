@@ -151,7 +151,7 @@ def _backward(ctx, g):
     return None, dtable, None, du, dmu, None
 
 
-_Autograd = register_autograd(fwd_op, _backward, _setup_context)
+_differentiable = register_autograd(fwd_op, _backward, _setup_context)
 
 
 def low_rank_embedding(ids: torch.Tensor, table: torch.Tensor, offsets: torch.Tensor, u: torch.Tensor,
@@ -183,7 +183,7 @@ def low_rank_embedding(ids: torch.Tensor, table: torch.Tensor, offsets: torch.Te
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     ids = ids if ids.dim() == 3 else ids[..., None]
     check_ids(ids, offsets, table.shape[0])
-    return _Autograd.apply(ids.long().contiguous(), table.contiguous(), offsets.long().contiguous(), u, mu,
+    return _differentiable(ids.long().contiguous(), table.contiguous(), offsets.long().contiguous(), u, mu,
                            mode == "mean")
 
 

@@ -161,7 +161,7 @@ def _backward(ctx, g):
     return dx, du, db1 if b1 is not None else None, dv, db2 if ctx.has_b2 else None, None, None
 
 
-_Autograd = register_autograd(fwd_op, _backward, _setup_context)
+_differentiable = register_autograd(fwd_op, _backward, _setup_context)
 
 
 def low_rank_linear(x: torch.Tensor, u: torch.Tensor, v: torch.Tensor, b1: torch.Tensor | None = None,
@@ -201,6 +201,6 @@ def low_rank_linear(x: torch.Tensor, u: torch.Tensor, v: torch.Tensor, b1: torch
         raise ValueError(f"out_activation must be one of {OUT_ACTIVATIONS}, got {out_activation!r}")
     b1, b2 = (None if b is None else b.contiguous() for b in (b1, b2))  # the kernels read the biases densely
     flat = x.dim() == 2  # no reshape then: each view would add a node to the autograd graph
-    y = _Autograd.apply((x if flat else x.reshape(-1, d_in)).contiguous(), u, b1, v, b2,
+    y = _differentiable((x if flat else x.reshape(-1, d_in)).contiguous(), u, b1, v, b2,
                         ACTIVATIONS.index(activation), OUT_ACTIVATIONS.index(out_activation))
     return y if flat else y.view(*x.shape[:-1], v.shape[0])

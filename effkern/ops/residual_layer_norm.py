@@ -104,7 +104,7 @@ def _backward(ctx, dh, dx, _drstd):
     return du, dz, None
 
 
-_Autograd = register_autograd(fwd_op, _backward, _setup_context)
+_differentiable = register_autograd(fwd_op, _backward, _setup_context)
 
 
 def residual_layer_norm(u: torch.Tensor, z: torch.Tensor, eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
@@ -128,5 +128,5 @@ def residual_layer_norm(u: torch.Tensor, z: torch.Tensor, eps: float = 1e-5) -> 
                          f"{tuple(u.shape)}), got {tuple(z.shape)}")
     if not eps > 0:
         raise ValueError(f"eps must be > 0, got {eps}")
-    h, x, _ = _Autograd.apply(u.contiguous(), z.contiguous(), float(eps))
+    h, x, _ = _differentiable(u.contiguous(), z.contiguous(), float(eps))
     return h, x
