@@ -62,6 +62,7 @@ void parallel_chunks(int64_t n, int64_t grain, int64_t scratch_floats, Fn&& fn) 
 inline void sum_threads(const float* acc, int64_t threads, int64_t B, int64_t I, int64_t ld, const at::Tensor& out,
                         bool transpose) {
   const int64_t J = transpose ? out.size(-2) : out.size(-1), slice = B * I * ld;
+  if (J == 0 || B * I == 0) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "sum_threads", [&] {
     scalar_t* o = out.data_ptr<scalar_t>();
     at::parallel_for(0, B * I, std::max<int64_t>(1, 16384 / (J * threads)), [&](int64_t begin, int64_t end) {

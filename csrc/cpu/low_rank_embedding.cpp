@@ -74,7 +74,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> low_rank_embedding_bwd_cpu(const 
               "low_rank_embedding_bwd_cpu: g must be a contiguous [B, F, d] tensor in the table's dtype");
   const int64_t threads = at::get_num_threads();
   // the per-thread gradient slices, one zeroed buffer: dtable, dU^T, dmu (see LowRankEmbeddingParams)
-  const int64_t n_dtable = (threads * p.V * p.k + 15) / 16 * 16, n_dut = threads * p.F * p.k * p.dp;  // 64-byte bases
+  const int64_t n_dtable = threads * p.V * p.k, n_dut = threads * p.F * p.k * p.dp;
   at::Tensor acc = at::zeros({n_dtable + n_dut + threads * p.F * p.dp}, table.options().dtype(at::kFloat));
   p.dtable = acc.data_ptr<float>(), p.dut = p.dtable + n_dtable, p.dmu = p.dut + n_dut;
   p.g = g.data_ptr();

@@ -75,6 +75,14 @@ def test_cpu_matches_reference(b, sizes, k, d, bag, mode, dtype):
     check("cpu", make(b, sizes, k, d, bag, dtype), mode, isas=ISAS)
 
 
+def test_cpu_rank_zero():
+    """k = 0 (empty table rows: each lookup is its field's mean) runs forward and backward (empty dtable, du)."""
+    inputs = make(6, [12, 4], 0, 5, 2, torch.float32)
+    for got, want in zip(forward_backward("cpu", inputs, "sum"), forward_backward("reference", inputs, "sum"),
+                         strict=True):
+        torch.testing.assert_close(got, want)
+
+
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(b=st.integers(1, 20), sizes=st.lists(st.integers(1, 30), min_size=1, max_size=5), k=st.integers(1, 9),
        d=st.integers(1, 40), bag=st.integers(1, 4), mode=st.sampled_from(["sum", "mean"]),

@@ -1,5 +1,6 @@
-"""effkern.ops._op: the entry points reach the implementation directly only in plain eager code; everything else
-(autograd on the op itself, fake tensors, modes, torch.compile) goes through the registered custom op."""
+"""effkern.ops._op: the entry points reach the implementation directly only in plain eager code (autograd through
+their own Function); everything else (the op called with grad-requiring inputs, fake tensors, dispatch modes, jit
+tracing, torch.export) goes through the registered custom op."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from effkern.nn import LowRankLinear
 from effkern.ops import low_rank_linear
 from effkern.ops._op import plain_eager
 
@@ -75,3 +77,26 @@ def test_modes_and_fake_tensors_go_through_the_op(op_calls):
     with FakeTensorMode() as fake:
         y = lrl.fwd_op(*(fake.from_tensor(t) for t in (x, u, b1, v, b2)), 0, 0)
     assert len(op_calls) == 2 and y.shape == (5, 6)
+
+
+def test_modules_with_parameters_take_the_direct_route(op_calls):
+    layer = LowRankLinear(8, 6, 3, out_activation="relu")
+    x = torch.randn(5, 8)
+    with torch.no_grad():
+        y = layer(x)
+    layer(x).sum().backward()
+    assert op_calls == [] and layer.u.grad is not None
+    torch.testing.assert_close(y, lrl.reference(x, layer.u, layer.b1, layer.v, layer.b2, 0, 1))
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace:FutureWarning", "ignore::torch.jit.TracerWarning")
+def test_jit_trace_and_export_record_the_op():
+    layer = LowRankLinear(8, 6, 3)
+    x = torch.randn(5, 8)
+    traced = torch.jit.trace(layer, x)
+    assert "effkern::low_rank_linear" in str(traced.graph)
+    exported = torch.export.export(layer, (x,))
+    assert "effkern.low_rank_linear" in str(exported.graph)
+    y = exported.module()(x)
+    assert y.requires_grad
+    torch.testing.assert_close(y, layer(x))
