@@ -89,7 +89,7 @@ def test_modules_with_parameters_take_the_direct_route(op_calls):
     torch.testing.assert_close(y, lrl.reference(x, layer.u, layer.b1, layer.v, layer.b2, 0, 1))
 
 
-@pytest.mark.filterwarnings("ignore:`torch.jit.trace:FutureWarning", "ignore::torch.jit.TracerWarning")
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace", "ignore::torch.jit.TracerWarning")  # deprecated in 2.13+
 def test_jit_trace_and_export_record_the_op():
     layer = LowRankLinear(8, 6, 3)
     x = torch.randn(5, 8)
