@@ -58,12 +58,12 @@ def custom_op(name: str) -> Callable[[Callable], Op]:
 def register_autograd(op: Op, backward: Callable, setup_context: Callable) -> Callable:
     """Register ``backward`` and ``setup_context`` as the autograd of ``op`` and return the call for the op's Python
     entry point. In :func:`eager` code: the implementation directly when no autograd is needed, else an
-    autograd.Function built from the same two (it runs the op with grad off, so again straight into the
-    implementation), skipping the custom op's autograd wrapper. Anywhere else: the registered op."""
+    autograd.Function built from the same two (its forward calls the implementation, grad being off there),
+    skipping the custom op's autograd wrapper. Anywhere else: the registered op."""
     op.op.register_autograd(backward, setup_context=setup_context)
 
     def forward(ctx, *inputs):  # not the setup_context form: its apply binds defaults through inspect per call
-        output = op(*inputs)
+        output = op.impl(*inputs)  # only call() applies it, in eager code, and forward runs with grad off
         setup_context(ctx, inputs, output)
         return output
 
