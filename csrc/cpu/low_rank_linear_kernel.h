@@ -179,9 +179,12 @@ inline Vec lrl_act_grad(Vec t, LowRankAct act) {
   }
 }
 
-// A[i][c] = act(t) and, when T is given, T[i][c] = t = x U^T + b1 for the tile's rows X (stride d_in).
-inline void lrl_hidden(const LowRankLinearParams& p, const float* X, float* T, float* A) {
-  lrl_product(X, p.d_in, p.ut, p.rp, p.d_in, p.rp, kLrlRows, [&](int64_t i0, int64_t c0, auto& acc) {
+// A[i][c] = act(t) and, when T is given, T[i][c] = t = x U^T + b1 for the tile's rows X (stride d_in): its first
+// `rows` rows rounded up to the micro-tile's height. Every later product of width rp has that height and reads no
+// further; a wider product reads the rows after them as they are (zero, or finite values of an earlier tile) into
+// outputs it never stores (a one-row tile computes 6-12 rows, not 24).
+inline void lrl_hidden(const LowRankLinearParams& p, const float* X, int64_t rows, float* T, float* A) {
+  lrl_product(X, p.d_in, p.ut, p.rp, p.d_in, p.rp, rows, [&](int64_t i0, int64_t c0, auto& acc) {
     constexpr int MR = std::extent_v<std::remove_reference_t<decltype(acc)>, 0>;
     constexpr int NV = std::extent_v<std::remove_reference_t<decltype(acc)>, 1>;
     EFFKERN_UNROLL
@@ -202,7 +205,7 @@ void lrl_fwd(const LowRankLinearParams& p, int64_t begin, int64_t end, float* sc
   float* A = staging + kLrlRows * p.d_in;
   for (int64_t tile = begin; tile < end; ++tile) {
     const int64_t r0 = tile * kLrlRows, rows = min64(kLrlRows, p.M - r0);
-    lrl_hidden(p, lrl_rows_of_x<DT>(p, r0, rows, staging), nullptr, A);
+    lrl_hidden(p, lrl_rows_of_x<DT>(p, r0, rows, staging), rows, nullptr, A);
     lrl_product(A, p.rp, p.vt, p.dop, p.r, p.dop, rows, [&](int64_t i0, int64_t o0, auto& acc) {
       lrl_store<DT>(acc, p.b2, p.y, r0, i0, rows, o0, p.d_out, p.relu_y, p.stream);
     });
@@ -268,8 +271,8 @@ void lrl_bwd(const LowRankLinearParams& p, int64_t begin, int64_t end, float* sc
     const int64_t r0 = tile * kLrlRows, rows = min64(kLrlRows, p.M - r0);
     const float* X = lrl_rows_of_x<DT>(p, r0, rows, staging);
     lrl_stage<DT>(p.g, r0, rows, p.d_out, p.dop, G, p.g_mask);  // rows past `rows` are 0: they add nothing
-    lrl_hidden(p, X, T, A);
-    lrl_product(G, p.dop, p.vp, p.rp, p.d_out, p.rp, kLrlRows, [&](int64_t i0, int64_t c0, auto& acc) {
+    lrl_hidden(p, X, rows, T, A);
+    lrl_product(G, p.dop, p.vp, p.rp, p.d_out, p.rp, rows, [&](int64_t i0, int64_t c0, auto& acc) {
       constexpr int MR = std::extent_v<std::remove_reference_t<decltype(acc)>, 0>;
       constexpr int NV = std::extent_v<std::remove_reference_t<decltype(acc)>, 1>;
       EFFKERN_UNROLL
