@@ -28,14 +28,16 @@ def keep_freed_memory() -> None:
     libc.mallopt(m_trim_threshold, 2**31 - 1)
 
 
-def op_bench_args(doc: str, quick_help: str, argv) -> tuple[argparse.Namespace, list[str]]:
-    """The op microbenchmarks' command line (``--quick``, ``--device``, ``--json``); keeps freed memory
-    (:func:`keep_freed_memory`). Returns the arguments and the native effkern backends to time on the device
-    (Triton only on a GPU: on the CPU it would be its interpreter)."""
+def op_bench_args(doc: str, quick_help: str, argv, add_arguments=None) -> tuple[argparse.Namespace, list[str]]:
+    """The op microbenchmarks' command line (``--quick``, ``--device``, ``--json``, and what ``add_arguments(parser)``
+    adds); keeps freed memory (:func:`keep_freed_memory`). Returns the arguments and the native effkern backends to
+    time on the device (Triton only on a GPU: on the CPU it would be its interpreter)."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help=quick_help)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", help="write the rows to this path")
+    if add_arguments:
+        add_arguments(p)
     args = p.parse_args(argv)
     keep_freed_memory()
     backends = [b for b in usable_backends(torch.device(args.device))

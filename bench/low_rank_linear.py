@@ -11,7 +11,7 @@ forward's FLOP rate as a fraction of this machine's fp32 matmul rate (a 2048^3 t
 and ``fwd_ceiling``: the speedup over the torch ops of a kernel running at that matmul rate (both do the same
 FLOPs, so a fused kernel beats the torch ops by more only by beating the machine's GEMM).
 
-    python bench/low_rank_linear.py [--quick] [--json PATH]
+    python bench/low_rank_linear.py [--quick] [--batches M ...] [--json PATH]
 """
 
 from __future__ import annotations
@@ -80,14 +80,19 @@ def bench_shape(m, d_in, r, d_out, act, out_act, device, peak, backends):
 
 
 def main(argv=None) -> list[dict]:
-    args, backends = op_bench_args(__doc__, "only the 400-wide layer at rank 32, batch 4096", argv)
+    def add_batches(parser):
+        parser.add_argument("--batches", type=int, nargs="+", default=[4096, 1024], metavar="M",
+                            help="batches of the 400-wide layers at ranks 16 / 32 / 64 (default: 4096 1024; "
+                                 "e.g. 1 64 256 for online serving)")
+
+    args, backends = op_bench_args(__doc__, "only the 400-wide layer at rank 32, batch 4096", argv, add_batches)
     peak = matmul_flops(args.device)
     print(f"device {args.device}, threads {torch.get_num_threads()}, fp32 matmul {peak / 1e9:.0f} GFLOP/s, "
           f"effkern backends {backends}")
     if args.quick:
         grid = [(4096, 400, 32, 400, "none", "relu")]
     else:
-        grid = [(m, 400, r, 400, "none", "relu") for m in (4096, 1024) for r in (16, 32, 64)]
+        grid = [(m, 400, r, 400, "none", "relu") for m in args.batches for r in (16, 32, 64)]
         grid += [(4096, 64, 32, 400, "none", "relu"), (4096, 592, 32, 400, "none", "relu")]
         grid += [(4096, 400, r, 400, "relu", "none") for r in (16, 32, 64)]
     return run_shapes(grid, lambda *shape: bench_shape(*shape, args.device, peak, backends),
