@@ -16,10 +16,11 @@ import torch
 
 
 def eager(args) -> bool:
-    """True when nothing around a call needs the dispatcher: not compiling, exporting or jit-tracing, no functorch
-    transform, no Python dispatch or function mode, and the tensor arguments plain (``torch.Tensor`` or
-    ``nn.Parameter``: no fake, functional or other subclass) and not on the meta device."""
-    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+    """True when nothing around a call needs the dispatcher: not compiling, exporting or jit-tracing, no profiler
+    running (it records the op by name, forward and backward), no functorch transform, no Python dispatch or
+    function mode, and the tensor arguments plain (``torch.Tensor`` or ``nn.Parameter``: no fake, functional or
+    other subclass) and not on the meta device."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._autograd._profiler_enabled():
         return False
     if (torch._C._are_functorch_transforms_active() or torch._C._len_torch_dispatch_stack()
             or torch._C._is_torch_function_mode_enabled()):

@@ -69,6 +69,16 @@ def test_the_op_itself_with_grad_goes_through_its_autograd(op_calls):
     torch.testing.assert_close(du, torch.func.grad(lambda w: lrl.reference(x, w, b1, v, b2, 0, 0).sum())(u))
 
 
+def test_the_profiler_sees_the_ops_by_name():
+    """Under torch.profiler the entry points take the registered op, so a profile attributes the time to
+    effkern::low_rank_linear and its backward instead of leaving it unnamed."""
+    x, u, b1, v, b2 = inputs(requires_grad=True)
+    with torch.profiler.profile() as prof:
+        low_rank_linear(x, u, v, b1, b2).sum().backward()
+    names = {event.key for event in prof.key_averages()}
+    assert {"effkern::low_rank_linear", "effkern::low_rank_linear_bwd"} <= names
+
+
 def test_modes_and_fake_tensors_go_through_the_op(op_calls):
     x, u, b1, v, b2 = inputs()
     with Counting() as mode:
