@@ -105,6 +105,8 @@ def test_cpu_without_biases_and_with_batch_dims(acts):
     x, u, v = make(12, 16, 4, 8, torch.float32, bias=False)
     check("cpu", [x.detach().view(3, 4, 16).requires_grad_(), u, v], acts, isas=ISAS[:1])
     check("cpu", [x.detach().t().contiguous().t().requires_grad_(), u, v], acts, isas=ISAS[:1])
+    strided = [t.detach().t().contiguous().t().requires_grad_() for t in (u, v)]  # the kernels pack any strides
+    check("cpu", [x, *strided], acts, isas=ISAS[:1])
 
 
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
