@@ -4,6 +4,7 @@ roofline measured in the same run, the printed table and the --json rows."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 from pathlib import Path
 
@@ -57,29 +58,38 @@ def median_time(fn, device: str, min_run_time: float = 0.5) -> float:
     return timer.blocked_autorange(min_run_time=min_run_time).median
 
 
-def interleaved_times(fns: dict, device: str, rounds: int = 30, min_time: float = 0.01) -> dict:
+def interleaved_times(fns: dict, device: str, rounds: int = 30, min_time: float = 0.01,
+                      around=lambda name: contextlib.nullcontext()) -> dict:
     """Median seconds per call of each function, the functions timed in turn each round (a round calls each one
     enough times to take ~min_time), so a drift of the machine's speed during the run hits all of them alike; the
     op benchmarks comparing a kernel with its torch baseline use it on the CPU (this VM drifts by tens of
-    percent within a minute). On a GPU: median_time per function (triton's do_bench)."""
+    percent within a minute). ``around(name)``: a context manager entered around each function's calls (e.g.
+    forcing its backend: entered per call, ``use_backend`` added ~15 us a call on the CPU VM to whatever it timed).
+    On a GPU: median_time per function (triton's do_bench)."""
     import statistics
     import time
 
     if device == "cuda":
-        return {name: median_time(fn, device) for name, fn in fns.items()}
+        times = {}
+        for name, fn in fns.items():
+            with around(name):
+                times[name] = median_time(fn, device)
+        return times
     reps = {}
     for name, fn in fns.items():
-        fn()
-        start = time.perf_counter()
-        fn()
-        reps[name] = max(1, int(min_time / max(time.perf_counter() - start, 1e-7)))
+        with around(name):
+            fn()
+            start = time.perf_counter()
+            fn()
+            reps[name] = max(1, int(min_time / max(time.perf_counter() - start, 1e-7)))
     times = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
-            start = time.perf_counter()
-            for _ in range(reps[name]):
-                fn()
-            times[name].append((time.perf_counter() - start) / reps[name])
+            with around(name):
+                start = time.perf_counter()
+                for _ in range(reps[name]):
+                    fn()
+                times[name].append((time.perf_counter() - start) / reps[name])
     return {name: statistics.median(t) for name, t in times.items()}
 
 

@@ -54,19 +54,18 @@ def bench_shape(m, d_in, r, d_out, act, out_act, device, peak, backends):
 
     candidates = {"torch": torch_pair, **{name: fused for name in backends}}
 
-    def timed(name, step):  # the backend forced for the forward and the backward alike
-        def run():
-            with use_backend(None if name == "torch" else name):
-                return step(candidates[name])
-        return run
+    def backend(name):  # forced for the forward and the backward alike
+        return use_backend(None if name == "torch" else name)
 
     def forward(fn):
-        with torch.no_grad():
-            return fn()
+        def run():
+            with torch.no_grad():
+                return fn()
+        return run
 
-    fwd = interleaved_times({name: timed(name, forward) for name in candidates}, device)
-    both = interleaved_times({name: timed(name, lambda fn: torch.autograd.grad(fn(), inputs, g))
-                              for name in candidates}, device)
+    fwd = interleaved_times({name: forward(fn) for name, fn in candidates.items()}, device, around=backend)
+    both = interleaved_times({name: lambda fn=fn: torch.autograd.grad(fn(), inputs, g)
+                              for name, fn in candidates.items()}, device, around=backend)
     flops = 2 * m * r * (d_in + d_out)
     rows = [dict(backend=name, M=m, d_in=d_in, r=r, d_out=d_out, act=act, out_act=out_act, fwd_ms=fwd[name] * 1e3,
                  fwd_bwd_ms=both[name] * 1e3, fwd_gflops=flops / fwd[name] / 1e9,

@@ -95,16 +95,15 @@ bool streamable(const at::Tensor& out, const cpu::LowRankLinearParams& p) {
          out.size(1) % 16 == 0 && reinterpret_cast<uintptr_t>(out.data_ptr()) % 64 == 0;
 }
 
-int64_t tiles(int64_t rows) { return (rows + cpu::kLowRankLinearRows - 1) / cpu::kLowRankLinearRows; }
-
-// Row tiles per chunk of the thread pool: enough for ~5 MFLOP (~50 us of one core). A second thread costs tens of us
-// here (waking it, moving the packed weights to its cache): one forward of 48 rows at rank 64 took 62 us on one
+// Rows per chunk of the thread pool: whole row tiles for ~5 MFLOP (~50 us of one core). A second thread costs tens of
+// us here (waking it, moving the packed weights to its cache): one forward of 48 rows at rank 64 took 62 us on one
 // thread, 72 us on two; 64 rows 75 vs 90 us (tight loop; 2x that with Python between the calls).
-// `products`: the rank-r products a tile runs (forward 2, backward 5).
+// `products`: the rank-r products a row runs (forward 2, backward 5). The pool splits the rows evenly, not whole tiles
+// (a thread's last tile is shorter): 1024 rows as 22 + 21 tiles kept one thread busy half a tile longer.
 int64_t grain(const cpu::LowRankLinearParams& p, int64_t products) {
-  constexpr int64_t kChunkFlops = 5'000'000;
-  const int64_t tile_flops = std::max<int64_t>(1, cpu::kLowRankLinearRows * p.r * (p.d_in + p.d_out) * products);
-  return (kChunkFlops + tile_flops - 1) / tile_flops;
+  constexpr int64_t kChunkFlops = 5'000'000, kRows = cpu::kLowRankLinearRows;
+  const int64_t tile_flops = std::max<int64_t>(1, kRows * p.r * (p.d_in + p.d_out) * products);
+  return (kChunkFlops + tile_flops - 1) / tile_flops * kRows;
 }
 
 }  // namespace
@@ -119,9 +118,9 @@ at::Tensor low_rank_linear_fwd_cpu(const at::Tensor& x, const at::Tensor& u, con
   p.y = y.data_ptr();
   p.relu_y = out_act == 1;
   p.stream = streamable(y, p);
-  const auto fn = cpu::pick_isa(&cpu::avx512::low_rank_linear_fwd_tiles, &cpu::avx2::low_rank_linear_fwd_tiles,
-                                &cpu::generic::low_rank_linear_fwd_tiles);
-  cpu::parallel_chunks(tiles(p.M), grain(p, 2), cpu::low_rank_linear_fwd_scratch(p),
+  const auto fn = cpu::pick_isa(&cpu::avx512::low_rank_linear_fwd_rows, &cpu::avx2::low_rank_linear_fwd_rows,
+                                &cpu::generic::low_rank_linear_fwd_rows);
+  cpu::parallel_chunks(p.M, grain(p, 2), cpu::low_rank_linear_fwd_scratch(p),
                        [&](int64_t begin, int64_t end, float* scratch, int64_t) { fn(p, begin, end, scratch); });
   return y;
 }
@@ -145,9 +144,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> low_rank_
   at::Tensor dx = at::empty({p.M, p.d_in}, x.options());
   p.g = g.data_ptr(), p.dx = dx.data_ptr();
   p.stream = streamable(dx, p);
-  const auto fn = cpu::pick_isa(&cpu::avx512::low_rank_linear_bwd_tiles, &cpu::avx2::low_rank_linear_bwd_tiles,
-                                &cpu::generic::low_rank_linear_bwd_tiles);
-  cpu::parallel_chunks(tiles(p.M), grain(p, 5), cpu::low_rank_linear_bwd_scratch(p),
+  const auto fn = cpu::pick_isa(&cpu::avx512::low_rank_linear_bwd_rows, &cpu::avx2::low_rank_linear_bwd_rows,
+                                &cpu::generic::low_rank_linear_bwd_rows);
+  cpu::parallel_chunks(p.M, grain(p, 5), cpu::low_rank_linear_bwd_scratch(p),
                        [&](int64_t begin, int64_t end, float* scratch, int64_t thread) {
                          fn(p, begin, end, scratch, thread);
                        });

@@ -8,8 +8,8 @@
 
 namespace effkern::cpu {
 
-// Rows of x per work item: the kernels' register tiles are 6, 8 or 12 rows tall (by their width), all of which
-// divide it; two of the 12-row tiles share each weight row read into L1.
+// Rows of x per tile (a thread's rows run in tiles, the last one shorter): the kernels' register tiles are 6, 8 or
+// 12 rows tall (by their width), all of which divide it; two of the 12-row tiles share each weight row read into L1.
 constexpr int kLowRankLinearRows = 24;
 
 // Padded widths: multiples of 16 floats (every vector width), zero-filled by the host.
@@ -51,10 +51,10 @@ inline int64_t low_rank_linear_bwd_scratch(const LowRankLinearParams& p) {
   return kLowRankLinearRows * (p.d_in + p.dop + 3 * p.rp + 64);
 }
 
-// Row tiles [begin, end) (tile t = rows [24 t, 24 t + 24)); the backward accumulates into the `thread`'s slices.
+// Rows [begin, end) of x, in tiles of kLowRankLinearRows; the backward accumulates into the `thread`'s slices.
 EFFKERN_PER_ISA(
-    void low_rank_linear_fwd_tiles(const LowRankLinearParams& p, int64_t begin, int64_t end, float* scratch);
-    void low_rank_linear_bwd_tiles(const LowRankLinearParams& p, int64_t begin, int64_t end, float* scratch,
+    void low_rank_linear_fwd_rows(const LowRankLinearParams& p, int64_t begin, int64_t end, float* scratch);
+    void low_rank_linear_bwd_rows(const LowRankLinearParams& p, int64_t begin, int64_t end, float* scratch,
                                    int64_t thread);)
 
 }  // namespace effkern::cpu

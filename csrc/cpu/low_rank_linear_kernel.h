@@ -1,6 +1,6 @@
 // Fused low-rank linear, compiled once per ISA (see simd.h for the inclusion protocol).
 //
-// Work item = a tile of kLrlRows rows of x. Forward: t = x U^T + b1, bias and activation in registers, act(t)
+// A thread's rows of x run in tiles of kLrlRows rows (the last one shorter). Forward: t = x U^T + b1, bias and activation in registers, act(t)
 // kept in L1 scratch (never in memory), then y = act(t) V^T + b2, relu'd in registers when asked. Every product is
 // one register-tiled micro-kernel: per k, NV vector loads of a packed weight row, one broadcast per tile row,
 // MR * NV FMAs into up to kLrlAcc accumulators; the tile's height MR = kLrlAcc / NV grows as its width shrinks
@@ -203,8 +203,8 @@ template <DType DT>
 void lrl_fwd(const LowRankLinearParams& p, int64_t begin, int64_t end, float* scratch) {
   float* staging = scratch;
   float* A = staging + kLrlRows * p.d_in;
-  for (int64_t tile = begin; tile < end; ++tile) {
-    const int64_t r0 = tile * kLrlRows, rows = min64(kLrlRows, p.M - r0);
+  for (int64_t r0 = begin; r0 < end; r0 += kLrlRows) {
+    const int64_t rows = min64(kLrlRows, end - r0);
     lrl_hidden(p, lrl_rows_of_x<DT>(p, r0, rows, staging), rows, nullptr, A);
     lrl_product(A, p.rp, p.vt, p.dop, p.r, p.dop, rows, [&](int64_t i0, int64_t o0, auto& acc) {
       lrl_store<DT>(acc, p.b2, p.y, r0, i0, rows, o0, p.d_out, p.relu_y, p.stream);
@@ -267,8 +267,8 @@ void lrl_bwd(const LowRankLinearParams& p, int64_t begin, int64_t end, float* sc
   float* dv = p.dv + thread * p.d_out * p.rp;
   float* db1 = p.db1 + thread * p.rp;
   float* db2 = p.db2 + thread * p.dop;
-  for (int64_t tile = begin; tile < end; ++tile) {
-    const int64_t r0 = tile * kLrlRows, rows = min64(kLrlRows, p.M - r0);
+  for (int64_t r0 = begin; r0 < end; r0 += kLrlRows) {
+    const int64_t rows = min64(kLrlRows, end - r0);
     const float* X = lrl_rows_of_x<DT>(p, r0, rows, staging);
     lrl_stage<DT>(p.g, r0, rows, p.d_out, p.dop, G, p.g_mask);  // rows past `rows` are 0: they add nothing
     lrl_hidden(p, X, rows, T, A);
@@ -296,11 +296,11 @@ void lrl_bwd(const LowRankLinearParams& p, int64_t begin, int64_t end, float* sc
   if (p.stream) _mm_sfence();  // as in lrl_fwd: complete the streamed dx before it is read
 }
 
-void low_rank_linear_fwd_tiles(const LowRankLinearParams& p, int64_t begin, int64_t end, float* scratch) {
+void low_rank_linear_fwd_rows(const LowRankLinearParams& p, int64_t begin, int64_t end, float* scratch) {
   with_dtype(p.dtype, [&](auto dt) { lrl_fwd<dt.value>(p, begin, end, scratch); });
 }
 
-void low_rank_linear_bwd_tiles(const LowRankLinearParams& p, int64_t begin, int64_t end, float* scratch,
+void low_rank_linear_bwd_rows(const LowRankLinearParams& p, int64_t begin, int64_t end, float* scratch,
                                int64_t thread) {
   with_dtype(p.dtype, [&](auto dt) { lrl_bwd<dt.value>(p, begin, end, scratch, thread); });
 }
