@@ -12,6 +12,14 @@ namespace effkern::cpu {
 // 12 rows tall (by their width), all of which divide it; two of the 12-row tiles share each weight row read into L1.
 constexpr int kLowRankLinearRows = 24;
 
+// Forwards of up to kLowRankLinearFewRows rows, or kLowRankLinearFewRowsLarge when u and v take at least
+// kLowRankLinearLargeBytes, run as dot products straight from u and v: packing the weights costs more than those
+// rows' products. Measured on the CPU VM (forward, us, dot products / packed tiles / the torch ops): 400 -> 64 -> 400
+// at 2 rows 8 / 18 / 19, 4 rows 12 / 18 / 21, 8 rows 22 / 23 / 22; 4096 -> 256 -> 4096 (8 MB of weights; their
+// packing alone ~2.5 ms) at 2 rows 183 / 2820 / 1019, 32 rows 1679 / 3716 / 2154, 64 rows 3009 / 4325 / 2767.
+constexpr int64_t kLowRankLinearFewRows = 4, kLowRankLinearFewRowsLarge = 32;
+constexpr int64_t kLowRankLinearLargeBytes = int64_t{1} << 20;
+
 // Padded widths: multiples of 16 floats (every vector width), zero-filled by the host.
 inline int64_t low_rank_linear_padded(int64_t n) { return (n + 15) / 16 * 16; }
 
@@ -25,6 +33,8 @@ struct LowRankLinearParams {
   const float* b2;  // [dop]
   const float* up;  // [r][dinp]     U (backward: dx = dt U)
   const float* vp;  // [d_out][rp]   V (backward: da = g V)
+  const void* u;    // [r][d_in]     U, in dtype, read in place (the forward of a few rows)
+  const void* v;    // [d_out][r]    V, the same
   const void* x;    // [M][d_in] contiguous, in dtype
   void* y;          // [M][d_out] (forward)
   const void* g;    // [M][d_out] gradient of y (backward)
@@ -54,6 +64,9 @@ inline int64_t low_rank_linear_bwd_scratch(const LowRankLinearParams& p) {
 // Rows [begin, end) of x, in tiles of kLowRankLinearRows; the backward accumulates into the `thread`'s slices.
 EFFKERN_PER_ISA(
     void low_rank_linear_fwd_rows(const LowRankLinearParams& p, int64_t begin, int64_t end, float* scratch);
+    void low_rank_linear_few_hidden(const LowRankLinearParams& p, int64_t j0, int64_t j1, float* t, float* scratch);
+    void low_rank_linear_few_out(const LowRankLinearParams& p, const float* t, int64_t o0, int64_t o1,
+                                 float* scratch);
     void low_rank_linear_bwd_rows(const LowRankLinearParams& p, int64_t begin, int64_t end, float* scratch,
                                    int64_t thread);)
 

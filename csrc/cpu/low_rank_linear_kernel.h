@@ -323,6 +323,94 @@ void lrl_bwd(const LowRankLinearParams& p, int64_t begin, int64_t end, float* sc
   if (p.stream) _mm_sfence();  // as in lrl_fwd: complete the streamed dx before it is read
 }
 
+// out[i][n] = A[i] . B[n] over K for MR rows of A (fp32, stride lda) and the rows [n0, n1) of B ([N][K] in DT,
+// read in place), as dot products along K: eight rows of B at a time, their eight sums reduced together (sum8).
+template <DType DT, int MR>
+inline void lrl_dots(const float* A, int64_t lda, const void* B, int64_t K, int64_t n0, int64_t n1, float* out,
+                     int64_t ldo) {
+  auto rows_of_b = [&](int64_t n, auto nb) {
+    constexpr int NB = decltype(nb)::value;
+    Vec acc[MR][NB];
+    EFFKERN_UNROLL
+    for (int i = 0; i < MR; ++i)
+      for (int j = 0; j < NB; ++j) acc[i][j] = Vec::zero();
+    int64_t k = 0;
+    for (; k + Vec::W <= K; k += Vec::W) {
+      Vec a[MR];
+      for (int i = 0; i < MR; ++i) a[i] = Vec::load(A + i * lda + k);
+      EFFKERN_UNROLL
+      for (int j = 0; j < NB; ++j) {
+        const Vec b = load_vec<DT>(B, (n + j) * K + k);
+        for (int i = 0; i < MR; ++i) acc[i][j] = Vec::fma(a[i], b, acc[i][j]);
+      }
+    }
+    for (int i = 0; i < MR; ++i) {
+      float sum[NB];
+      if constexpr (NB == 8) {
+        Vec::sum8(acc[i], sum);
+      } else {
+        sum[0] = acc[i][0].sum();
+      }
+      for (int j = 0; j < NB; ++j) {
+        for (int64_t kk = k; kk < K; ++kk) sum[j] += A[i * lda + kk] * load_scalar<DT>(B, (n + j) * K + kk);
+        out[i * ldo + n + j] = sum[j];
+      }
+    }
+  };
+  int64_t n = n0;
+  for (; n + 8 <= n1; n += 8) rows_of_b(n, std::integral_constant<int, 8>{});
+  for (; n < n1; ++n) rows_of_b(n, std::integral_constant<int, 1>{});
+}
+
+// lrl_dots for M rows of A, in groups as tall as the registers hold (AVX-512: 2 rows x 8 accumulators; else 1).
+template <DType DT>
+inline void lrl_dots_rows(const float* A, int64_t lda, int64_t M, const void* B, int64_t K, int64_t n0, int64_t n1,
+                          float* out, int64_t ldo) {
+  int64_t i = 0;
+  if constexpr (Vec::W >= 16) {
+    for (; i + 2 <= M; i += 2) lrl_dots<DT, 2>(A + i * lda, lda, B, K, n0, n1, out + i * ldo, ldo);
+  }
+  for (; i < M; ++i) lrl_dots<DT, 1>(A + i * lda, lda, B, K, n0, n1, out + i * ldo, ldo);
+}
+
+// The forward of a few rows (the host picks it: see low_rank_linear.h) in two steps, each over a range of outputs
+// (the host splits them over threads), as dot products straight from u and v: no packed weights.
+// Step 1: t[i][j] = x_i . u_j for j in [j0, j1) (t: [M][rp]); x staged in fp32 unless it is (scratch [M][d_in]).
+template <DType DT>
+void lrl_few_hidden(const LowRankLinearParams& p, int64_t j0, int64_t j1, float* t, float* scratch) {
+  const float* X = static_cast<const float*>(p.x);
+  if constexpr (DT != DType::f32) {
+    for (int64_t i = 0; i < p.M * p.d_in; ++i) scratch[i] = load_scalar<DT>(p.x, i);
+    X = scratch;
+  }
+  lrl_dots_rows<DT>(X, p.d_in, p.M, p.u, p.d_in, j0, j1, t, p.rp);
+}
+
+// Step 2: y[i][o] = out_act(act(t_i + b1) . v_o + b2[o]) for o in [o0, o1) (t zero past r; scratch [M][rp + dop]).
+template <DType DT>
+void lrl_few_out(const LowRankLinearParams& p, const float* t, int64_t o0, int64_t o1, float* scratch) {
+  float* A = scratch;              // act(t + b1), zero past r (act(0) = 0 for every act)
+  float* Y = A + p.M * p.rp;       // [M][dop]
+  for (int64_t c = 0; c < p.M * p.rp; c += Vec::W) {
+    lrl_act(Vec::load(t + c) + Vec::load(p.b1 + c % p.rp), p.act).store(A + c);
+  }
+  lrl_dots_rows<DT>(A, p.rp, p.M, p.v, p.r, o0, o1, Y, p.dop);
+  for (int64_t i = 0; i < p.M; ++i) {
+    for (int64_t o = o0; o < o1; ++o) {
+      const float y = Y[i * p.dop + o] + p.b2[o];
+      store_scalar<DT>(p.y, i * p.d_out + o, p.relu_y && !(y > 0.f) ? 0.f : y);
+    }
+  }
+}
+
+void low_rank_linear_few_hidden(const LowRankLinearParams& p, int64_t j0, int64_t j1, float* t, float* scratch) {
+  with_dtype(p.dtype, [&](auto dt) { lrl_few_hidden<dt.value>(p, j0, j1, t, scratch); });
+}
+
+void low_rank_linear_few_out(const LowRankLinearParams& p, const float* t, int64_t o0, int64_t o1, float* scratch) {
+  with_dtype(p.dtype, [&](auto dt) { lrl_few_out<dt.value>(p, t, o0, o1, scratch); });
+}
+
 void low_rank_linear_fwd_rows(const LowRankLinearParams& p, int64_t begin, int64_t end, float* scratch) {
   with_dtype(p.dtype, [&](auto dt) { lrl_fwd<dt.value>(p, begin, end, scratch); });
 }

@@ -8,15 +8,15 @@ follows the compressed layer in the MLP, fused into the output's store instead o
 gelu (exact, erf-based, as ``F.gelu``), ``out_act`` none or relu (its backward, ``g * (y > 0)``, needs only y).
 
 Fused: the rank-r hidden layer is never written to memory. The C++ CPU kernel runs both products over tiles of 24
-rows of x held in fp32 registers/L1 (its own AVX-512 / AVX2 micro-kernels on weights packed once per call), the
-bias and activation applied in registers between them and the output's bias and ReLU as it is stored (streaming
-stores from a 1 MiB output on); its backward recomputes the hidden layer per tile (one
-extra rank-r product instead of storing it), applies the output ReLU's backward as it reads g and accumulates the
-weight gradients per thread. On CUDA tensors:
-ranks up to 64 run the CUDA kernels (a block of 64 rows holds the whole hidden tile in shared memory, fp32
-FMAs), larger ranks the Triton kernels (``tl.dot``); both fuse the forward fully and the backward up to dx,
-writing only the rank-sized ``act(t)`` and ``dt`` for the two weight-gradient GEMMs (cuBLAS, over all rows).
-Accumulation is fp32.
+rows of x held in fp32 registers/L1 (its own AVX-512 / AVX2 micro-kernels on weights packed once per call), the bias
+and activation applied in registers between them and the output's bias and ReLU as it is stored (streaming stores
+from a 1 MiB output on); a forward of up to 4 rows (32 when u and v take 1 MiB or more) runs as dot products
+straight from u and v instead, packing nothing (csrc/cpu/low_rank_linear.h has the measurements); its backward
+recomputes the hidden layer per tile (one extra rank-r product instead of storing it), applies the output ReLU's
+backward as it reads g and accumulates the weight gradients per thread. On CUDA tensors: ranks up to 64 run the CUDA
+kernels (a block of 64 rows holds the whole hidden tile in shared memory, fp32 FMAs), larger ranks the Triton
+kernels (``tl.dot``); both fuse the forward fully and the backward up to dx, writing only the rank-sized ``act(t)``
+and ``dt`` for the two weight-gradient GEMMs (cuBLAS, over all rows). Accumulation is fp32.
 """
 
 from __future__ import annotations

@@ -87,6 +87,9 @@ pytestmark = requires_ext
     (7, 5, 3, 17),  # every width below one vector
     (31, 64, 100, 33),  # r over one register tile: two column chunks (64 + 48 on AVX-512)
     (1, 1, 1, 1),
+    (3, 40, 20, 33),  # a few rows (<= 4): dot products from u and v in place, eight rows of them at a time + tails
+    (4, 400, 64, 400),  # a few rows on a CTR layer: two rows a group on AVX-512
+    (10, 1024, 130, 1100),  # fp32 weights over 1 MiB: up to 32 rows as dot products, split over threads
 ])
 def test_cpu_matches_reference(m, d_in, r, d_out, acts, dtype):
     check("cpu", make(m, d_in, r, d_out, dtype), acts, isas=ISAS)
@@ -115,9 +118,10 @@ def test_strided_weights_and_biases(backend):
     gradients (the Triton kernels read the biases as contiguous)."""
     if backend == "triton":
         pytest.importorskip("triton")
-    inputs = [torch.stack([t.detach(), -t.detach()], -1)[..., 0] for t in make(9, 20, 6, 11, torch.float32)]
-    assert all(not t.is_contiguous() for t in inputs)
-    check(backend, [t.requires_grad_() for t in inputs], ("relu", "none"))
+    for m in (9, 2):  # 2 rows: the few rows' forward reads u and v in place only when contiguous
+        inputs = [torch.stack([t.detach(), -t.detach()], -1)[..., 0] for t in make(m, 20, 6, 11, torch.float32)]
+        assert all(not t.is_contiguous() for t in inputs)
+        check(backend, [t.requires_grad_() for t in inputs], ("relu", "none"))
 
 
 def test_cpu_gelu_on_a_wide_range():
