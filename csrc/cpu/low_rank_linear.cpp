@@ -132,14 +132,15 @@ bool few_rows(const at::Tensor& x, const at::Tensor& u, const at::Tensor& v) {
 
 // The few rows' forward: t = x U^T over chunks of U's rows, then y over chunks of V's rows, each chunk ~256 KB of
 // weights (a layer of the CTR models' size runs on the calling thread alone).
-void forward_few_rows(const cpu::LowRankLinearParams& p) {
-  const int64_t elem = p.dtype == cpu::DType::f32 ? 4 : 2;
+void forward_few_rows(const cpu::LowRankLinearParams& p, const at::Tensor& x) {
+  const at::Tensor xf = x.to(at::kFloat);  // x itself when fp32
+  const int64_t elem = x.element_size();
   auto grain = [&](int64_t row_elems) { return std::max<int64_t>(1, (int64_t{256} << 10) / (row_elems * elem)); };
   std::vector<float> t(p.M * p.rp, 0.f);  // zero past r
   const auto hidden = cpu::pick_isa(&cpu::avx512::low_rank_linear_few_hidden, &cpu::avx2::low_rank_linear_few_hidden,
                                     &cpu::generic::low_rank_linear_few_hidden);
-  cpu::parallel_chunks(p.r, grain(p.d_in), p.M * p.d_in, [&](int64_t j0, int64_t j1, float* scratch, int64_t) {
-    hidden(p, j0, j1, t.data(), scratch);
+  cpu::parallel_chunks(p.r, grain(p.d_in), 0, [&](int64_t j0, int64_t j1, float*, int64_t) {
+    hidden(p, xf.const_data_ptr<float>(), j0, j1, t.data());
   });
   const auto out = cpu::pick_isa(&cpu::avx512::low_rank_linear_few_out, &cpu::avx2::low_rank_linear_few_out,
                                  &cpu::generic::low_rank_linear_few_out);
@@ -161,7 +162,7 @@ at::Tensor low_rank_linear_fwd_cpu(const at::Tensor& x, const at::Tensor& u, con
   p.y = y.data_ptr();
   p.relu_y = out_act == 1;
   if (few) {
-    forward_few_rows(p);
+    forward_few_rows(p, x);
     return y;
   }
   p.stream = streamable(y, p);

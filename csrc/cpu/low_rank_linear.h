@@ -64,7 +64,7 @@ inline int64_t low_rank_linear_bwd_scratch(const LowRankLinearParams& p) {
 // Rows [begin, end) of x, in tiles of kLowRankLinearRows; the backward accumulates into the `thread`'s slices.
 EFFKERN_PER_ISA(
     void low_rank_linear_fwd_rows(const LowRankLinearParams& p, int64_t begin, int64_t end, float* scratch);
-    void low_rank_linear_few_hidden(const LowRankLinearParams& p, int64_t j0, int64_t j1, float* t, float* scratch);
+    void low_rank_linear_few_hidden(const LowRankLinearParams& p, const float* xf, int64_t j0, int64_t j1, float* t);
     void low_rank_linear_few_out(const LowRankLinearParams& p, const float* t, int64_t o0, int64_t o1,
                                  float* scratch);
     void low_rank_linear_bwd_rows(const LowRankLinearParams& p, int64_t begin, int64_t end, float* scratch,

@@ -375,15 +375,10 @@ inline void lrl_dots_rows(const float* A, int64_t lda, int64_t M, const void* B,
 
 // The forward of a few rows (the host picks it: see low_rank_linear.h) in two steps, each over a range of outputs
 // (the host splits them over threads), as dot products straight from u and v: no packed weights.
-// Step 1: t[i][j] = x_i . u_j for j in [j0, j1) (t: [M][rp]); x staged in fp32 unless it is (scratch [M][d_in]).
+// Step 1: t[i][j] = x_i . u_j for j in [j0, j1) (t: [M][rp]; xf: x in fp32, from the host).
 template <DType DT>
-void lrl_few_hidden(const LowRankLinearParams& p, int64_t j0, int64_t j1, float* t, float* scratch) {
-  const float* X = static_cast<const float*>(p.x);
-  if constexpr (DT != DType::f32) {
-    for (int64_t i = 0; i < p.M * p.d_in; ++i) scratch[i] = load_scalar<DT>(p.x, i);
-    X = scratch;
-  }
-  lrl_dots_rows<DT>(X, p.d_in, p.M, p.u, p.d_in, j0, j1, t, p.rp);
+void lrl_few_hidden(const LowRankLinearParams& p, const float* xf, int64_t j0, int64_t j1, float* t) {
+  lrl_dots_rows<DT>(xf, p.d_in, p.M, p.u, p.d_in, j0, j1, t, p.rp);
 }
 
 // Step 2: y[i][o] = out_act(act(t_i + b1) . v_o + b2[o]) for o in [o0, o1) (t zero past r; scratch [M][rp + dop]).
@@ -403,8 +398,8 @@ void lrl_few_out(const LowRankLinearParams& p, const float* t, int64_t o0, int64
   }
 }
 
-void low_rank_linear_few_hidden(const LowRankLinearParams& p, int64_t j0, int64_t j1, float* t, float* scratch) {
-  with_dtype(p.dtype, [&](auto dt) { lrl_few_hidden<dt.value>(p, j0, j1, t, scratch); });
+void low_rank_linear_few_hidden(const LowRankLinearParams& p, const float* xf, int64_t j0, int64_t j1, float* t) {
+  with_dtype(p.dtype, [&](auto dt) { lrl_few_hidden<dt.value>(p, xf, j0, j1, t); });
 }
 
 void low_rank_linear_few_out(const LowRankLinearParams& p, const float* t, int64_t o0, int64_t o1, float* scratch) {
