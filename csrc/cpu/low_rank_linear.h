@@ -68,6 +68,6 @@ EFFKERN_PER_ISA(
     void low_rank_linear_few_out(const LowRankLinearParams& p, const float* t, int64_t o0, int64_t o1,
                                  float* scratch);
     void low_rank_linear_bwd_rows(const LowRankLinearParams& p, int64_t begin, int64_t end, float* scratch,
-                                   int64_t thread);)
+                                  int64_t thread);)
 
 }  // namespace effkern::cpu

@@ -411,7 +411,7 @@ void low_rank_linear_fwd_rows(const LowRankLinearParams& p, int64_t begin, int64
 }
 
 void low_rank_linear_bwd_rows(const LowRankLinearParams& p, int64_t begin, int64_t end, float* scratch,
-                               int64_t thread) {
+                              int64_t thread) {
   with_dtype(p.dtype, [&](auto dt) { lrl_bwd<dt.value>(p, begin, end, scratch, thread); });
 }
 
