@@ -135,16 +135,16 @@ bool few_rows(const at::Tensor& x, const at::Tensor& u, const at::Tensor& v) {
 void forward_few_rows(const cpu::LowRankLinearParams& p, const at::Tensor& x) {
   const at::Tensor xf = x.to(at::kFloat);  // x itself when fp32
   const int64_t elem = x.element_size();
-  auto grain = [&](int64_t row_elems) { return std::max<int64_t>(1, (int64_t{256} << 10) / (row_elems * elem)); };
+  auto chunk_rows = [&](int64_t row_elems) { return std::max<int64_t>(1, (int64_t{256} << 10) / (row_elems * elem)); };
   std::vector<float> t(p.M * p.rp, 0.f);  // zero past r
   const auto hidden = cpu::pick_isa(&cpu::avx512::low_rank_linear_few_hidden, &cpu::avx2::low_rank_linear_few_hidden,
                                     &cpu::generic::low_rank_linear_few_hidden);
-  cpu::parallel_chunks(p.r, grain(p.d_in), 0, [&](int64_t j0, int64_t j1, float*, int64_t) {
+  cpu::parallel_chunks(p.r, chunk_rows(p.d_in), 0, [&](int64_t j0, int64_t j1, float*, int64_t) {
     hidden(p, xf.const_data_ptr<float>(), j0, j1, t.data());
   });
   const auto out = cpu::pick_isa(&cpu::avx512::low_rank_linear_few_out, &cpu::avx2::low_rank_linear_few_out,
                                  &cpu::generic::low_rank_linear_few_out);
-  cpu::parallel_chunks(p.d_out, grain(p.r), p.M * (p.rp + p.dop), [&](int64_t o0, int64_t o1, float* scratch,
+  cpu::parallel_chunks(p.d_out, chunk_rows(p.r), p.M * (p.rp + p.dop), [&](int64_t o0, int64_t o1, float* scratch,
                                                                      int64_t) { out(p, t.data(), o0, o1, scratch); });
 }
 

@@ -1,13 +1,13 @@
 // Fused low-rank linear, compiled once per ISA (see simd.h for the inclusion protocol).
 //
-// A thread's rows of x run in tiles of kLrlRows rows (the last one shorter). Forward: t = x U^T + b1, bias and activation in registers, act(t)
-// kept in L1 scratch (never in memory), then y = act(t) V^T + b2, relu'd in registers when asked. Every product is
-// one register-tiled micro-kernel: per k, NV vector loads of a packed weight row, one broadcast per tile row,
-// MR * NV FMAs into up to kLrlAcc accumulators; the tile's height MR = kLrlAcc / NV grows as its width shrinks
-// (AVX-512: 6 x 4, 8 x 3, 12 x 2 vectors, every tile loop fully unrolled), up to 12 rows: a taller tile needs more
-// row pointers than x86 has registers (24 x 1 reloaded half of them from the stack on every k and ran 2-6% slower at
-// rank 16 than 12 x 1). An output larger than a core's L2 is written with streaming stores (no read-for-ownership;
-// the host decides, `stream`); so is the backward's dx.
+// A thread's rows of x run in tiles of kLrlRows rows (the last one shorter). Forward: t = x U^T + b1, bias and
+// activation in registers, act(t) kept in L1 scratch (never in memory), then y = act(t) V^T + b2, relu'd in
+// registers when asked. Every product is one register-tiled micro-kernel: per k, NV vector loads of a packed weight
+// row, one broadcast per tile row, MR * NV FMAs into up to kLrlAcc accumulators; the tile's height MR = kLrlAcc / NV
+// grows as its width shrinks (AVX-512: 6 x 4, 8 x 3, 12 x 2 vectors, every tile loop fully unrolled), up to 12 rows:
+// a taller tile needs more row pointers than x86 has registers (24 x 1 reloaded half of them from the stack on every
+// k and ran 2-6% slower at rank 16 than 12 x 1). An output larger than a core's L2 is written with streaming stores
+// (no read-for-ownership; the host decides, `stream`); so is the backward's dx.
 // Backward, per tile: stage g (zeroed where a relu'd y is not > 0: the out_act's backward in the same pass),
 // recompute t (cheaper than writing it), da = g V, dt = da * act'(t), dx = dt U (written), and accumulate this
 // thread's dV += g^T act(t), dU^T += x^T dt, db1, db2 with a tile of act(t) / dt held in registers while the
