@@ -34,18 +34,20 @@ void combine_splits(const cpu::GqaDecodeParams& p) {
     for (int64_t row = begin; row < end; ++row) {
       const float* ml = p.part_ml + row * p.splits * 2;
       float M = -INFINITY;
+      // An empty split has l = 0 and m = -inf: skip it, never exp(-inf + inf). A NaN l or m is not skipped, so a
+      // NaN in one split reaches the output as torch's softmax would carry it.
       for (int64_t s = 0; s < p.splits; ++s)
-        if (ml[2 * s + 1] > 0.f) M = std::max(M, ml[2 * s]);
+        if (ml[2 * s + 1] != 0.f) M = std::max(M, ml[2 * s]);
       std::fill(o.begin(), o.end(), 0.f);
       float L = 0.f;
       for (int64_t s = 0; s < p.splits; ++s) {
-        if (!(ml[2 * s + 1] > 0.f)) continue;  // an empty split has m = -inf: skip it, never exp(-inf + inf)
+        if (ml[2 * s + 1] == 0.f) continue;
         const float w = std::exp(ml[2 * s] - M);
         L += w * ml[2 * s + 1];
         const float* a = p.part_acc + (row * p.splits + s) * p.Dv;
         for (int64_t c = 0; c < p.Dv; ++c) o[c] += w * a[c];
       }
-      const float inv = L > 0.f ? 1.f / L : 0.f;
+      const float inv = L == 0.f ? 0.f : 1.f / L;
       for (int64_t c = 0; c < p.Dv; ++c) store(p.out, p.dtype, row * p.Dv + c, o[c] * inv);
     }
   });
@@ -58,25 +60,38 @@ at::Tensor gqa_decode_cpu(const at::Tensor& q, const at::Tensor& k_cache, const 
                           const std::optional<at::Tensor>& cos,
                           const std::optional<at::Tensor>& sin, const std::optional<at::Tensor>& q_proj,
                           double scale, double softcap, int64_t rope_style, int64_t rotary_dim) {
-  TORCH_CHECK(q.dim() == 3 && q.is_contiguous(), "gqa_decode_cpu: q must be a contiguous [B, Hq, D] tensor");
-  TORCH_CHECK(k_cache.dim() == 4 && v_cache.dim() == 4 && k_cache.stride(3) == 1 && v_cache.stride(3) == 1,
-              "gqa_decode_cpu: caches must be [B, Hkv, S, D] with a contiguous last dim");
-  TORCH_CHECK(seq_lens.scalar_type() == at::kInt && seq_lens.is_contiguous(), "gqa_decode_cpu: seq_lens must be int32");
-  TORCH_CHECK(!kv_start || (kv_start->scalar_type() == at::kInt && kv_start->is_contiguous()),
-              "gqa_decode_cpu: kv_start must be int32");
-  TORCH_CHECK(rotary_dim == 0 || (cos && sin), "gqa_decode_cpu: rotary_dim > 0 needs cos and sin");
+  const char* op = "gqa_decode_cpu";
+  TORCH_CHECK_VALUE(q.dim() == 3 && q.is_contiguous() && q.size(2) > 0, op,
+                    ": q must be a contiguous [B, Hq, D] tensor with D >= 1, got ", q.sizes());
+  const int64_t B = q.size(0), S = k_cache.dim() == 4 ? k_cache.size(2) : 0;
+  TORCH_CHECK_VALUE(k_cache.dim() == 4 && v_cache.dim() == 4 && k_cache.stride(3) == 1 && v_cache.stride(3) == 1 &&
+                        k_cache.size(0) == B && v_cache.size(0) == B && v_cache.size(1) == k_cache.size(1) &&
+                        v_cache.size(2) == S,
+                    op, ": caches must be [B=", B, ", Hkv, S_max, D] with a contiguous last dim and equal B, Hkv and "
+                    "S_max, got ", k_cache.sizes(), " and ", v_cache.sizes());
+  TORCH_CHECK_VALUE(std::isfinite(softcap) && softcap >= 0, op, ": softcap must be finite and >= 0 (0 = off), got ",
+                    softcap);
+  cpu::check_rope(cos, sin, B, q.size(2), rope_style, rotary_dim, op);
+  const int32_t* lens = cpu::check_indices(seq_lens, B, [](int64_t) { return 0; }, [&](int64_t) { return S; },
+                                           "seq_lens", "the cache length S_max", op);
+  const int32_t* starts = kv_start ? cpu::check_indices(*kv_start, B, [](int64_t) { return 0; },
+                                                        [&](int64_t b) { return lens[b]; }, "kv_start",
+                                                        "0 to the sequence's seq_lens", op)
+                                   : nullptr;
   cpu::GqaDecodeParams p{};
   p.B = q.size(0), p.Hq = q.size(1), p.D = q.size(2);
   p.Hkv = k_cache.size(1), p.Dk = k_cache.size(3), p.Dv = v_cache.size(3);
-  TORCH_CHECK(p.Hkv > 0 && p.Hq % p.Hkv == 0, "gqa_decode_cpu: Hq must be a multiple of Hkv");
-  p.dtype = cpu::dtype_of(q, "gqa_decode_cpu");
-  TORCH_CHECK(k_cache.scalar_type() == q.scalar_type() && v_cache.scalar_type() == q.scalar_type(),
-              "gqa_decode_cpu: q and the caches must share a dtype");
+  TORCH_CHECK_VALUE(p.Hkv > 0 && p.Hq % p.Hkv == 0, op, ": Hq=", p.Hq, " must be a multiple of Hkv=", p.Hkv);
+  TORCH_CHECK_VALUE(q_proj ? cpu::is_dense(*q_proj, at::kFloat, {p.Hq, p.D, p.Dk}) : p.Dk == p.D, op,
+                    ": q_proj must be a contiguous float32 [Hq, D, Dk] = [", p.Hq, ", ", p.D, ", ", p.Dk,
+                    "] tensor, or None with the caches' Dk equal to q's D");
+  p.dtype = cpu::dtype_of(q, op);
+  TORCH_CHECK_VALUE(k_cache.scalar_type() == q.scalar_type() && v_cache.scalar_type() == q.scalar_type(), op,
+                    ": q and the caches must share a dtype");
   p.k_sb = k_cache.stride(0), p.k_sh = k_cache.stride(1), p.k_ss = k_cache.stride(2);
   p.v_sb = v_cache.stride(0), p.v_sh = v_cache.stride(1), p.v_ss = v_cache.stride(2);
   p.q = q.data_ptr(), p.k = k_cache.data_ptr(), p.v = v_cache.data_ptr();
-  p.seq_lens = seq_lens.data_ptr<int32_t>();
-  p.kv_start = kv_start ? kv_start->data_ptr<int32_t>() : nullptr;
+  p.seq_lens = lens, p.kv_start = starts;
   p.cos = rotary_dim ? cos->data_ptr<float>() : nullptr;
   p.sin = rotary_dim ? sin->data_ptr<float>() : nullptr;
   p.q_proj = q_proj ? q_proj->data_ptr<float>() : nullptr;

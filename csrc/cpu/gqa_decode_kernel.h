@@ -212,7 +212,7 @@ void run_items(const GqaDecodeParams& p, int64_t begin, int64_t end, float* scra
       const int64_t row = b * p.Hq + kvh * G + g;
       const float* a = acc + g * Dv;
       if (p.splits == 1) {
-        const float inv = l[g] > 0.f ? 1.f / l[g] : 0.f;  // empty context -> zeros
+        const float inv = l[g] == 0.f ? 0.f : 1.f / l[g];  // empty context -> zeros; a NaN l stays NaN
         for (int64_t c = 0; c < Dv; ++c) store_scalar<DT>(p.out, row * Dv + c, a[c] * inv);
       } else {
         float* dst = p.part_acc + (row * p.splits + split) * Dv;

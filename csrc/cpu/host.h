@@ -7,6 +7,8 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <optional>
+#include <utility>
 #include <vector>
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -24,6 +26,46 @@ inline DType dtype_of(const at::Tensor& t, const char* op) {
     case at::kBFloat16: return DType::bf16;
     default: TORCH_CHECK(false, op, ": unsupported dtype ", t.scalar_type());
   }
+}
+
+// The launchers' argument checks. The Python entry points check everything with friendlier messages first, but
+// torch.compile / export graphs and `torch.ops.effkern.*` callers reach the launchers directly: whatever a kernel
+// relies on (shapes, dtypes, index ranges) is checked here too, before the kernel runs. Value errors raise Python's
+// ValueError, like the entry points'.
+
+// t is a contiguous tensor of dtype `type` and exactly `shape`.
+inline bool is_dense(const at::Tensor& t, at::ScalarType type, at::IntArrayRef shape) {
+  return t.scalar_type() == type && t.is_contiguous() && t.sizes() == shape;
+}
+
+// The RoPE arguments of gqa_decode / kv_append: rotary_dim R even in [0, D], style 0 (half) or 1 (interleaved), and
+// when R > 0, cos and sin contiguous fp32 [B, R/2].
+inline void check_rope(const std::optional<at::Tensor>& cos, const std::optional<at::Tensor>& sin, int64_t B,
+                       int64_t D, int64_t rope_style, int64_t rotary_dim, const char* op) {
+  TORCH_CHECK_VALUE(rotary_dim >= 0 && rotary_dim % 2 == 0 && rotary_dim <= D, op,
+                    ": rotary_dim must be even and within [0, D=", D, "], got ", rotary_dim);
+  TORCH_CHECK_VALUE(rope_style == 0 || rope_style == 1, op, ": rope_style must be 0 (half) or 1 (interleaved), got ",
+                    rope_style);
+  if (rotary_dim == 0) return;
+  for (const auto& [name, t] : {std::pair{"cos", &cos}, std::pair{"sin", &sin}}) {
+    TORCH_CHECK_VALUE(*t && is_dense(**t, at::kFloat, {B, rotary_dim / 2}), op, ": ", name,
+                      " must be a contiguous float32 [B=", B, ", R/2=", rotary_dim / 2, "] tensor when rotary_dim > 0");
+  }
+}
+
+// An int32 index vector [n] (seq_lens, kv_start, slots) and its values: lo[i] <= t[i] <= hi[i] for every i; the
+// error names the first value outside, with `range` saying what the bounds are.
+template <typename Lo, typename Hi>
+inline const int32_t* check_indices(const at::Tensor& t, int64_t n, Lo lo, Hi hi, const char* name, const char* range,
+                                    const char* op) {
+  TORCH_CHECK_VALUE(is_dense(t, at::kInt, {n}), op, ": ", name, " must be a contiguous int32 [", n, "] tensor, got ",
+                    t.scalar_type(), " ", t.sizes());
+  const int32_t* v = t.const_data_ptr<int32_t>();
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK_VALUE(v[i] >= lo(i) && v[i] <= hi(i), op, ": ", name, "[", i, "] = ", v[i], " is outside [", lo(i),
+                      ", ", hi(i), "] (", range, ")");
+  }
+  return v;
 }
 
 // Flush denormals to zero (MXCSR FTZ + DAZ) on this thread while alive. Softmax probabilities far below their

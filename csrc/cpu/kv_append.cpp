@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "../ops.h"
+#include "host.h"
 #include "rope.h"
 
 namespace effkern {
@@ -57,13 +58,28 @@ void kv_append_cpu(at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& k, 
                    const at::Tensor& slots, const std::optional<at::Tensor>& cos,
                    const std::optional<at::Tensor>& sin, const std::optional<at::Tensor>& k_proj,
                    int64_t rope_style, int64_t rotary_dim) {
-  TORCH_CHECK(k.is_contiguous() && v.is_contiguous(), "kv_append_cpu: k and v must be contiguous");
-  TORCH_CHECK(k_cache.stride(3) == 1 && v_cache.stride(3) == 1, "kv_append_cpu: cache rows must be contiguous");
-  TORCH_CHECK(slots.scalar_type() == at::kInt, "kv_append_cpu: slots must be int32");
-  TORCH_CHECK(rotary_dim == 0 || (cos && sin), "kv_append_cpu: rotary_dim > 0 needs cos and sin");
-  TORCH_CHECK(k.scalar_type() == k_cache.scalar_type() && v.scalar_type() == v_cache.scalar_type(),
-              "kv_append_cpu: new keys/values must have the cache dtype");
-  const int32_t* sl = slots.data_ptr<int32_t>();
+  const char* op = "kv_append_cpu";
+  TORCH_CHECK_VALUE(k_cache.dim() == 4 && v_cache.dim() == 4 && k_cache.stride(3) == 1 && v_cache.stride(3) == 1 &&
+                        v_cache.sizes().slice(0, 3) == k_cache.sizes().slice(0, 3),
+                    op, ": caches must be [B, Hkv, S_max, D] with a contiguous last dim and equal B, Hkv and S_max, "
+                    "got ", k_cache.sizes(), " and ", v_cache.sizes());
+  const int64_t B = k_cache.size(0), Hkv = k_cache.size(1), S = k_cache.size(2), Dk = k_cache.size(3);
+  TORCH_CHECK_VALUE(k.dim() == 3 && k.is_contiguous() && k.size(0) == B && Hkv > 0 && k.size(1) % Hkv == 0, op,
+                    ": k must be a contiguous [B=", B, ", Hk, D] tensor with Hk a multiple of Hkv=", Hkv, ", got ",
+                    k.sizes());
+  const int64_t Hk = k.size(1), D = k.size(2);
+  TORCH_CHECK_VALUE(v.is_contiguous() && v.sizes() == at::IntArrayRef({B, Hkv, v_cache.size(3)}), op,
+                    ": v must be a contiguous [B, Hkv, Dv] = ", at::IntArrayRef({B, Hkv, v_cache.size(3)}),
+                    " tensor, got ", v.sizes());
+  TORCH_CHECK_VALUE(k.scalar_type() == k_cache.scalar_type() && v.scalar_type() == k_cache.scalar_type() &&
+                        v_cache.scalar_type() == k_cache.scalar_type(),
+                    op, ": the new keys / values and both caches must share a dtype");
+  TORCH_CHECK_VALUE(k_proj ? cpu::is_dense(*k_proj, at::kFloat, {Hkv, Hk / Hkv * D, Dk}) : Hk == Hkv && D == Dk, op,
+                    ": k_proj must be a contiguous float32 [Hkv, g*D, Dk] = [", Hkv, ", ", Hk / Hkv * D, ", ", Dk,
+                    "] tensor, or None with k's heads and head dim equal to the cache's");
+  cpu::check_rope(cos, sin, B, D, rope_style, rotary_dim, op);
+  const int32_t* sl = cpu::check_indices(slots, B, [](int64_t) { return 0; }, [&](int64_t) { return S - 1; }, "slots",
+                                         "the cache's slots 0 to S_max - 1", op);
   const float* c = rotary_dim ? cos->data_ptr<float>() : nullptr;
   const float* s = rotary_dim ? sin->data_ptr<float>() : nullptr;
   const float* P = k_proj ? k_proj->data_ptr<float>() : nullptr;

@@ -18,14 +18,44 @@ struct Packed {
   at::Tensor ids, offsets, ut, mu;
 };
 
+// Field f owns table rows [offsets[f], offsets[f + 1]) (the last field runs to the table's end): offsets must not
+// decrease within [0, V], and each id must be -1 (padding) or within its field's rows.
+void check_ids(const cpu::LowRankEmbeddingParams& p, const char* op) {
+  for (int64_t f = 0; f < p.F; ++f) {
+    const int64_t end = f + 1 < p.F ? p.offsets[f + 1] : p.V;
+    TORCH_CHECK_VALUE(p.offsets[f] >= 0 && p.offsets[f] <= end && end <= p.V, op,
+                      ": offsets must not decrease within [0, V=", p.V, "], got offsets[", f, "] = ", p.offsets[f],
+                      " before ", end);
+  }
+  for (int64_t b = 0; b < p.B; ++b) {
+    for (int64_t f = 0; f < p.F; ++f) {
+      const int64_t size = (f + 1 < p.F ? p.offsets[f + 1] : p.V) - p.offsets[f];
+      const int64_t* bag = p.ids + (b * p.F + f) * p.L;
+      for (int64_t j = 0; j < p.L; ++j) {
+        TORCH_CHECK_VALUE(bag[j] >= -1 && bag[j] < size, op, ": ids[", b, ", ", f, ", ", j, "] = ", bag[j],
+                          " is outside field ", f, "'s ids [0, ", size, ") (-1 pads a bag)");
+      }
+    }
+  }
+}
+
 cpu::LowRankEmbeddingParams make_params(const at::Tensor& ids, const at::Tensor& table, const at::Tensor& offsets,
                                         const at::Tensor& u, const at::Tensor& mu, bool mean, Packed& keep,
                                         const char* op) {
-  TORCH_CHECK(ids.dim() == 3, op, ": ids must be [B, F, L]");
-  TORCH_CHECK(table.dim() == 2 && table.is_contiguous(), op, ": table must be a contiguous [V, k] tensor");
-  TORCH_CHECK(u.dim() == 3 && u.size(0) == ids.size(1) && u.size(2) == table.size(1), op, ": u must be [F, d, k]");
-  TORCH_CHECK(mu.dim() == 2 && mu.size(0) == u.size(0) && mu.size(1) == u.size(1), op, ": mu must be [F, d]");
-  TORCH_CHECK(offsets.dim() == 1 && offsets.size(0) == ids.size(1), op, ": offsets must be [F]");
+  TORCH_CHECK_VALUE(ids.dim() == 3 && (ids.scalar_type() == at::kLong || ids.scalar_type() == at::kInt), op,
+                    ": ids must be an int64 or int32 [B, F, L] tensor, got ", ids.scalar_type(), " ", ids.sizes());
+  const int64_t F = ids.size(1);
+  TORCH_CHECK_VALUE(table.dim() == 2 && table.is_contiguous(), op, ": table must be a contiguous [V, k] tensor");
+  TORCH_CHECK_VALUE(u.dim() == 3 && u.size(0) == F && u.size(2) == table.size(1), op, ": u must be [F=", F,
+                    ", d, k=", table.size(1), "], got ", u.sizes());
+  TORCH_CHECK_VALUE(mu.dim() == 2 && mu.size(0) == F && mu.size(1) == u.size(1), op, ": mu must be [F, d] = [", F,
+                    ", ", u.size(1), "], got ", mu.sizes());
+  TORCH_CHECK_VALUE(u.scalar_type() == table.scalar_type() && mu.scalar_type() == table.scalar_type(), op,
+                    ": u and mu must have the table's dtype");
+  TORCH_CHECK_VALUE(offsets.dim() == 1 && offsets.size(0) == F &&
+                        (offsets.scalar_type() == at::kLong || offsets.scalar_type() == at::kInt),
+                    op, ": offsets must be an int64 or int32 [F=", F, "] tensor, got ", offsets.scalar_type(), " ",
+                    offsets.sizes());
   cpu::LowRankEmbeddingParams p{};
   p.B = ids.size(0), p.F = ids.size(1), p.L = ids.size(2), p.V = table.size(0), p.k = table.size(1);
   p.d = u.size(1), p.dp = (p.d + 15) / 16 * 16;
@@ -39,6 +69,7 @@ cpu::LowRankEmbeddingParams make_params(const at::Tensor& ids, const at::Tensor&
   keep.mu = at::zeros({p.F, p.dp}, f32);
   keep.mu.narrow(1, 0, p.d).copy_(mu);
   p.ids = keep.ids.data_ptr<int64_t>(), p.offsets = keep.offsets.data_ptr<int64_t>();
+  check_ids(p, op);
   p.ut = keep.ut.data_ptr<float>(), p.mu = keep.mu.data_ptr<float>();
   p.table = table.data_ptr();
   return p;

@@ -71,6 +71,11 @@ cpu::LowRankLinearParams make_params(const at::Tensor& x, const at::Tensor& u, c
   TORCH_CHECK(u.scalar_type() == x.scalar_type() && v.scalar_type() == x.scalar_type(), op,
               ": u and v must have x's dtype");
   TORCH_CHECK(act >= 0 && act <= 2, op, ": act must be 0 (none), 1 (relu) or 2 (gelu)");
+  for (const auto& [name, b, n] : {std::tuple{"b1", &b1, u.size(0)}, std::tuple{"b2", &b2, v.size(0)}}) {
+    TORCH_CHECK_VALUE(!*b || ((*b)->dim() == 1 && (*b)->size(0) == n && (*b)->scalar_type() == x.scalar_type()), op,
+                      ": ", name, " must be a [", n, "] tensor in x's dtype, got ", (*b)->scalar_type(), " ",
+                      (*b)->sizes());
+  }
   cpu::LowRankLinearParams p{};
   p.M = x.size(0), p.d_in = x.size(1), p.r = u.size(0), p.d_out = v.size(0);
   p.rp = cpu::low_rank_linear_padded(p.r), p.dop = cpu::low_rank_linear_padded(p.d_out);

@@ -130,7 +130,7 @@ inline void lrl_store(const Vec (&acc)[MR][NV], const float* bias, void* dst, in
     for (int i = 0; i < MR; ++i) {
       const int64_t at = (r0 + i0 + i) * n + c0;
       for (int j = 0; j < NV; ++j) {
-        const Vec v = relu ? Vec::max(acc[i][j] + add[j], Vec::zero()) : acc[i][j] + add[j];
+        const Vec v = relu ? Vec::relu(acc[i][j] + add[j]) : acc[i][j] + add[j];
         if (DT == DType::f32 && stream) {
           v.stream(static_cast<float*>(dst) + at + j * Vec::W);
         } else {
@@ -145,7 +145,7 @@ inline void lrl_store(const Vec (&acc)[MR][NV], const float* bias, void* dst, in
     const int64_t at = (r0 + i0 + i) * n;
     for (int j = 0; j < NV; ++j) {
       const int64_t c = c0 + j * Vec::W;
-      const Vec v = relu ? Vec::max(acc[i][j] + add[j], Vec::zero()) : acc[i][j] + add[j];
+      const Vec v = relu ? Vec::relu(acc[i][j] + add[j]) : acc[i][j] + add[j];
       if (i0 + i >= rows) {
         break;
       } else if (c + Vec::W <= n) {
@@ -178,7 +178,7 @@ inline Vec lrl_phi_cdf(Vec t) {
 
 inline Vec lrl_act(Vec t, LowRankAct act) {
   switch (act) {
-    case LowRankAct::relu: return Vec::max(t, Vec::zero());
+    case LowRankAct::relu: return Vec::relu(t);
     case LowRankAct::gelu: return t * lrl_phi_cdf(t);
     default: return t;
   }
@@ -393,7 +393,7 @@ void lrl_few_out(const LowRankLinearParams& p, const float* t, int64_t o0, int64
   for (int64_t i = 0; i < p.M; ++i) {
     for (int64_t o = o0; o < o1; ++o) {
       const float y = Y[i * p.dop + o] + p.b2[o];
-      store_scalar<DT>(p.y, i * p.d_out + o, p.relu_y && !(y > 0.f) ? 0.f : y);
+      store_scalar<DT>(p.y, i * p.d_out + o, p.relu_y && !(y > 0.f || y != y) ? 0.f : y);
     }
   }
 }

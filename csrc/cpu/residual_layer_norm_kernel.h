@@ -1,7 +1,8 @@
 // Residual add + LayerNorm rows, compiled once per ISA (see simd.h for the inclusion protocol).
 //
 // Memory-bound: each row (d values, a few KB) is read once from memory and kept in L1 for its second pass.
-// Forward: h = u + z (stored; its fp32 copy in scratch), mean, the two-pass variance (no cancellation), x.
+// Forward: h = u + z (stored; h - h[0] in fp32 scratch), the mean and two-pass variance of h - h[0] (no
+// cancellation), x.
 // Backward: du = dh + rstd * (dx - mean(dx) - x * mean(dx * x)), with x the saved normalised row.
 // No include guard: included once per ISA (see kernels_isa.cpp).
 
@@ -12,20 +13,26 @@ void rln_fwd(const ResidualLayerNormParams& p, int64_t begin, int64_t end, float
   const int64_t d = p.d, W = Vec::W, dv = d / W * W;
   for (int64_t r = begin; r < end; ++r) {
     const int64_t at = r * d, zat = (r % p.z_rows) * d;
+    // Statistics of h - h[0]: a constant row is exactly 0 (as F.layer_norm gives), and a large mean cancels in the
+    // shift, not in fp32 sums of the mean's size.
+    const float shift = load_scalar<DT>(p.u, at) + load_scalar<DT>(p.z, zat);
+    const Vec sv = Vec::set1(shift);
     Vec acc = Vec::zero();
     for (int64_t c = 0; c < dv; c += W) {
       const Vec h = load_vec<DT>(p.u, at + c) + load_vec<DT>(p.z, zat + c);
-      h.store(hrow + c);
       store_vec<DT>(p.h, at + c, h);
-      acc = acc + h;
+      const Vec e = h - sv;
+      e.store(hrow + c);
+      acc = acc + e;
     }
     float sum = acc.sum();
     for (int64_t c = dv; c < d; ++c) {
-      hrow[c] = load_scalar<DT>(p.u, at + c) + load_scalar<DT>(p.z, zat + c);
-      store_scalar<DT>(p.h, at + c, hrow[c]);
+      const float h = load_scalar<DT>(p.u, at + c) + load_scalar<DT>(p.z, zat + c);
+      store_scalar<DT>(p.h, at + c, h);
+      hrow[c] = h - shift;
       sum += hrow[c];
     }
-    const float mean = sum / static_cast<float>(d);
+    const float mean = sum / static_cast<float>(d);  // of h - shift
     const Vec mv = Vec::set1(mean);
     acc = Vec::zero();
     for (int64_t c = 0; c < dv; c += W) {

@@ -78,6 +78,10 @@ struct Vec {
   }
   static Vec fma(Vec a, Vec b, Vec c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
   static Vec max(Vec a, Vec b) { return {_mm512_max_ps(a.v, b.v)}; }
+  // F.relu: max(x, 0) with NaN kept (max_ps returns its second operand when either is NaN) and -0 -> +0.
+  static Vec relu(Vec x) {
+    return {_mm512_mask_mov_ps(_mm512_max_ps(x.v, _mm512_setzero_ps()), _mm512_cmp_ps_mask(x.v, x.v, _CMP_UNORD_Q), x.v)};
+  }
   static Vec min(Vec a, Vec b) { return {_mm512_min_ps(a.v, b.v)}; }
   static Vec abs(Vec a) { return {_mm512_abs_ps(a.v)}; }
   // x > 0 ? a : b, lane by lane
@@ -134,6 +138,9 @@ struct Vec {
   }
   static Vec fma(Vec a, Vec b, Vec c) { return {_mm256_fmadd_ps(a.v, b.v, c.v)}; }
   static Vec max(Vec a, Vec b) { return {_mm256_max_ps(a.v, b.v)}; }
+  static Vec relu(Vec x) {
+    return {_mm256_blendv_ps(_mm256_max_ps(x.v, _mm256_setzero_ps()), x.v, _mm256_cmp_ps(x.v, x.v, _CMP_UNORD_Q))};
+  }
   static Vec min(Vec a, Vec b) { return {_mm256_min_ps(a.v, b.v)}; }
   static Vec abs(Vec a) { return {_mm256_andnot_ps(_mm256_set1_ps(-0.f), a.v)}; }
   static Vec select_pos(Vec x, Vec a, Vec b) {
@@ -179,6 +186,7 @@ struct Vec {
   void store(uint16_t* p, bool bf16) const { *p = float_to_half_bits(v, bf16); }
   static Vec fma(Vec a, Vec b, Vec c) { return {a.v * b.v + c.v}; }
   static Vec max(Vec a, Vec b) { return {a.v > b.v ? a.v : b.v}; }
+  static Vec relu(Vec x) { return {x.v > 0.f || x.v != x.v ? x.v : 0.f}; }
   static Vec min(Vec a, Vec b) { return {a.v < b.v ? a.v : b.v}; }
   static Vec abs(Vec a) { return {std::fabs(a.v)}; }
   static Vec select_pos(Vec x, Vec a, Vec b) { return {x.v > 0.f ? a.v : b.v}; }
@@ -255,7 +263,7 @@ inline void store_scalar(void* base, int64_t i, float x) {
 // degree-6 polynomial for e^r (Cephes expf coefficients) and 2^n from the exponent bits. Inputs below
 // -87.3 are clamped (the result, ~1e-38, is flushed to 0 by the caller where it matters).
 inline Vec exp_nonpositive(Vec x) {
-  x = Vec::max(x, Vec::set1(-87.3f));
+  x = Vec::max(Vec::set1(-87.3f), x);  // in this order a NaN stays NaN (max_ps returns its second operand)
   Vec n = Vec::round(x * Vec::set1(1.44269504088896341f));
   Vec r = Vec::fma(n, Vec::set1(-0.693359375f), x);  // ln2 split in a high part exact in fp32...
   r = Vec::fma(n, Vec::set1(2.12194440e-4f), r);      // ...and the low remainder

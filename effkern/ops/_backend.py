@@ -104,14 +104,19 @@ def _warn_fallback(op: str, device_type: str, reasons: str) -> None:
 def resolve(op: str, device: torch.device, preferred: Sequence[str]) -> str:
     """Pick the backend that runs ``op`` on ``device``.
 
-    ``preferred`` lists native backends in order of preference for this call (the op decides, e.g. per shape).
+    ``preferred`` lists native backends in order of preference for this call (the op decides, e.g. per shape); empty
+    when no kernel takes the input (float64, which only the reference computes, e.g. for ``gradcheck``).
     """
     forced = forced_backend()
     if forced is not None:
         reason = why_unavailable(forced, device)
+        if reason is None and not preferred and forced != "reference":
+            reason = "its kernels take float32, float16 and bfloat16; float64 runs on the reference"
         if reason is not None:
             raise BackendUnavailableError(f"effkern.{op}: EFFKERN_BACKEND={forced} cannot run: {reason}")
         return forced
+    if not preferred:
+        return "reference"
     reasons = []
     for name in preferred:
         reason = why_unavailable(name, device)

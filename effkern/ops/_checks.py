@@ -2,12 +2,34 @@
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 
 import torch
 
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)  # float64: the reference only
 INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def acc_dtype(t: torch.Tensor) -> torch.dtype:
+    """What the references compute in: float32 (the kernels' accumulation), float64 for float64 inputs."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def native(t: torch.Tensor, preferred: list[str]) -> list[str]:
+    """An op's preferred native backends for an input of t's dtype: none for float64 (the reference runs it)."""
+    return [] if t.dtype == torch.float64 else preferred
+
+
+def check_int(name: str, value: object, minimum: int) -> int:
+    """``value`` as a Python int >= minimum (any integer type, numpy's included; not bool or float)."""
+    try:
+        number = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}") from None
+    if isinstance(value, bool) or number < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return number
 
 
 def check_tensor(

@@ -22,13 +22,17 @@ from effkern.ops import _backend
 from effkern.ops._checks import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
+    acc_dtype,
+    bounds_checkable,
     check_index_range,
     check_last_dim_contiguous,
     check_same_dtype,
     check_tensor,
+    native,
 )
+from effkern.ops._device_errors import guarded
 from effkern.ops._op import custom_op
-from effkern.ops.rope import STYLES, Rope, apply_rope
+from effkern.ops.rope import STYLES, Rope, apply_rope, check_tables
 
 CUDA_MAX_HEAD_DIM = 256
 
@@ -47,36 +51,53 @@ def gqa_decode_reference(
     rope_style: int,
     rotary_dim: int,
 ) -> torch.Tensor:
-    """Ground truth on normalised arguments (see :func:`gqa_decode`). Written for clarity, not speed."""
+    """Ground truth on normalised arguments (see :func:`gqa_decode`). Written for clarity, not speed. Rows outside
+    ``[kv_start, seq_lens)`` are never read; a NaN anywhere else reaches the output, as in SDPA."""
     b, hq, _ = q.shape
     hkv, s_max = k_cache.shape[1], k_cache.shape[2]
-    qf = q.float()
+    check_lengths(seq_lens, kv_start, s_max)
+    check_tables(cos, sin, b, rotary_dim)
+    acc = acc_dtype(q)
+    qf = q.to(acc)
     if rotary_dim:
         qf = apply_rope(qf, cos[:, None], sin[:, None], rope_style, rotary_dim)
     if q_proj is not None:
-        qf = torch.einsum("bhd,hde->bhe", qf, q_proj.float())
-    k = k_cache.float().repeat_interleave(hq // hkv, dim=1)  # [B, Hq, S, Dk]
-    v = v_cache.float().repeat_interleave(hq // hkv, dim=1)
-    logits = torch.einsum("bhd,bhsd->bhs", qf, k) * scale
-    if softcap:
-        logits = softcap * torch.tanh(logits / softcap)
+        qf = torch.einsum("bhd,hde->bhe", qf, q_proj.to(acc))
     t = torch.arange(s_max, device=q.device)[None, :]
     valid = t < seq_lens.to(q.device)[:, None]  # [B, S]
     if kv_start is not None:
         valid &= t >= kv_start.to(q.device)[:, None]
+    rows = valid[:, None, :, None]
+    k = k_cache.to(acc).masked_fill(~rows, 0).repeat_interleave(hq // hkv, dim=1)  # [B, Hq, S, Dk]
+    v = v_cache.to(acc).masked_fill(~rows, 0).repeat_interleave(hq // hkv, dim=1)
+    logits = torch.einsum("bhd,bhsd->bhs", qf, k) * scale
+    if softcap:
+        logits = softcap * torch.tanh(logits / softcap)
     logits = logits.masked_fill(~valid[:, None, :], float("-inf"))
-    probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # an empty context has all -inf: zeros, not NaN
+    probs = torch.softmax(logits, dim=-1).masked_fill(~valid.any(-1)[:, None, None], 0.0)  # empty context: zeros
     return torch.einsum("bhs,bhsd->bhd", probs, v).to(q.dtype)
+
+
+def check_lengths(seq_lens: torch.Tensor, kv_start: torch.Tensor | None, s_max: int) -> None:
+    """0 <= kv_start <= seq_lens <= S_max for every sequence (host syncs on CUDA; skipped while compiling)."""
+    check_index_range("seq_lens", seq_lens, 0, s_max, f"cache length S_max={s_max}")
+    if kv_start is not None:
+        check_index_range("kv_start", kv_start, 0, s_max, f"cache length S_max={s_max}")
+        if bounds_checkable(kv_start) and bool((kv_start > seq_lens).any()):
+            raise ValueError("kv_start must be <= seq_lens for every sequence (the first valid row comes before "
+                             "the end of the valid rows)")
 
 
 def _cpu(*args):
     return _backend.extension().gqa_decode_cpu(*args)
 
 
+@guarded
 def _cuda(*args):
     return _backend.extension().gqa_decode_cuda(*args)
 
 
+@guarded
 def _triton(*args):
     from effkern.triton_kernels.gqa_decode import gqa_decode_triton
 
@@ -88,10 +109,9 @@ _IMPLS = {"reference": gqa_decode_reference, "cpu": _cpu, "cuda": _cuda, "triton
 
 def _preferred(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> list[str]:
     if q.device.type == "cpu":
-        return ["cpu"]
-    if max(k_cache.shape[-1], v_cache.shape[-1]) <= CUDA_MAX_HEAD_DIM:
-        return ["cuda", "triton"]
-    return ["triton"]
+        return native(q, ["cpu"])
+    return native(q, ["cuda", "triton"] if max(k_cache.shape[-1], v_cache.shape[-1]) <= CUDA_MAX_HEAD_DIM
+                  else ["triton"])
 
 
 @custom_op("effkern::gqa_decode")
@@ -110,7 +130,13 @@ def gqa_decode_op(
     rotary_dim: int,
 ) -> torch.Tensor:
     """The registered op on normalised arguments: q contiguous, seq_lens and kv_start (or None) int32,
-    cos/sin fp32 [B, R/2] or None, q_proj fp32 [Hq, D, Dk] or None, softcap 0 = off, rotary_dim 0 = no RoPE."""
+    cos/sin fp32 [B, R/2] or None, q_proj fp32 [Hq, D, Dk] or None, softcap 0 or inf = off, rotary_dim 0 = no
+    RoPE. Each backend's launcher checks shapes and index ranges again (compiled graphs and torch.ops callers
+    reach it without the entry point's checks)."""
+    if not softcap >= 0:
+        raise ValueError(f"softcap must be >= 0 (0 = off), got {softcap}")
+    if softcap == math.inf:  # the limit of softcap * tanh(s / softcap)
+        softcap = 0.0
     args = (q, k_cache, v_cache, seq_lens, kv_start, cos, sin, q_proj, scale, softcap, rope_style, rotary_dim)
     return _backend.run("gqa_decode", q.device, _preferred(q, k_cache, v_cache), _IMPLS, *args)
 
@@ -148,13 +174,15 @@ def gqa_decode(
         q_proj: ``[Hq, D, Dk]`` float32 per-query-head projection applied after RoPE (post-RoPE compressed
             keys, PAPERS.md D). None requires ``Dk == D``.
         scale: logit scale, default ``1 / sqrt(D)`` (the query's head dim, also with a projection).
-        softcap: if set, logits become ``softcap * tanh(logits / softcap)``.
+        softcap: if set (> 0), logits become ``softcap * tanh(logits / softcap)``; ``inf`` is the same as None.
 
     Returns:
         ``[B, Hq, Dv]`` in q's dtype.
     """
     check_tensor("q", q, ndim=3, dtypes=FLOAT_DTYPES, dims="[B, Hq, D]")
     b, hq, d = q.shape
+    if d == 0:
+        raise ValueError(f"q [B, Hq, D] must have a head dim D >= 1, got shape {tuple(q.shape)}")
     dev = q.device
     check_tensor("k_cache", k_cache, ndim=4, device=dev, shape=(b,), dims="[B, Hkv, S_max, Dk]")
     check_same_dtype("k_cache", k_cache, "q", q)
@@ -166,14 +194,10 @@ def gqa_decode(
     if hkv == 0 or hq % hkv:
         raise ValueError(f"q's head count Hq={hq} must be a multiple of k_cache's KV head count Hkv={hkv}")
     check_tensor("seq_lens", seq_lens, ndim=1, dtypes=INDEX_DTYPES, device=dev, shape=(b,), dims="[B]")
-    check_index_range("seq_lens", seq_lens, 0, s_max, f"cache length S_max={s_max}")
     if kv_start is not None:
         check_tensor("kv_start", kv_start, ndim=1, dtypes=INDEX_DTYPES, device=dev, shape=(b,), dims="[B]")
-        check_index_range("kv_start", kv_start, 0, s_max, f"cache length S_max={s_max}")
-        if bool((kv_start > seq_lens).any()):
-            raise ValueError("kv_start must be <= seq_lens for every sequence (the first valid row comes before "
-                             "the end of the valid rows)")
         kv_start = kv_start.to(torch.int32)
+    check_lengths(seq_lens, kv_start, s_max)
     if q_proj is not None:
         check_tensor("q_proj", q_proj, ndim=3, dtypes=(torch.float32,), device=dev, shape=(hq, d, dk),
                      dims="[Hq, D, Dk]")

@@ -19,12 +19,15 @@ from effkern.ops import _backend
 from effkern.ops._checks import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
+    acc_dtype,
     check_index_range,
     check_last_dim_contiguous,
     check_same_dtype,
     check_tensor,
+    native,
 )
-from effkern.ops.rope import STYLES, Rope, apply_rope
+from effkern.ops._device_errors import guarded
+from effkern.ops.rope import STYLES, Rope, apply_rope, check_tables
 
 
 def kv_append_reference(
@@ -40,12 +43,14 @@ def kv_append_reference(
     rotary_dim: int,
 ) -> None:
     """Ground truth on normalised arguments (see :func:`kv_append`)."""
-    b, hkv = k_cache.shape[:2]
-    kf = k.float()
+    b, hkv, s_max = k_cache.shape[:3]
+    check_index_range("slots", slots, 0, s_max - 1, f"cache length S_max={s_max}")
+    check_tables(cos, sin, b, rotary_dim)
+    kf = k.to(acc_dtype(k))
     if rotary_dim:
         kf = apply_rope(kf, cos[:, None], sin[:, None], rope_style, rotary_dim)
     if k_proj is not None:
-        kf = torch.einsum("bje,jef->bjf", kf.reshape(b, hkv, -1), k_proj.float())
+        kf = torch.einsum("bje,jef->bjf", kf.reshape(b, hkv, -1), k_proj.to(kf.dtype))
     rows = torch.arange(b, device=k_cache.device)
     idx = slots.long()
     k_cache[rows, :, idx] = kf.to(k_cache.dtype)
@@ -56,10 +61,12 @@ def _cpu(*args):
     _backend.extension().kv_append_cpu(*args)
 
 
+@guarded
 def _cuda(*args):
     _backend.extension().kv_append_cuda(*args)
 
 
+@guarded
 def _triton(*args):
     from effkern.triton_kernels.kv_append import kv_append_triton
 
@@ -83,8 +90,9 @@ def kv_append_op(
     rotary_dim: int,
 ) -> None:
     """The registered op on normalised arguments: k, v contiguous, slots int32, cos/sin fp32 [B, R/2] or
-    None, k_proj fp32 [Hkv, g*D, Dk] or None, rotary_dim 0 = no RoPE."""
-    preferred = ["cpu"] if k.device.type == "cpu" else ["cuda", "triton"]
+    None, k_proj fp32 [Hkv, g*D, Dk] or None, rotary_dim 0 = no RoPE. Each backend's launcher checks shapes and
+    slots again (compiled graphs and torch.ops callers reach it without the entry point's checks)."""
+    preferred = native(k, ["cpu"] if k.device.type == "cpu" else ["cuda", "triton"])
     args = (k_cache, v_cache, k, v, slots, cos, sin, k_proj, rope_style, rotary_dim)
     _backend.run("kv_append", k.device, preferred, _IMPLS, *args)
 

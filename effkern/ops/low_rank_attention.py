@@ -26,18 +26,18 @@ import math
 import torch
 
 from effkern.ops import _backend
-from effkern.ops._checks import FLOAT_DTYPES, check_same_dtype, check_tensor
+from effkern.ops._checks import FLOAT_DTYPES, acc_dtype, check_int, check_same_dtype, check_tensor, native
 from effkern.ops._op import custom_op, register_autograd
 
 
 def _heads(t: torch.Tensor, heads: int) -> torch.Tensor:
-    """[K, B, N, H dh] -> fp32 [K, B, H, N, dh]."""
+    """[K, B, N, H dh] -> fp32 (float64 for float64 t) [K, B, H, N, dh]."""
     kk, b, n, r = t.shape
-    return t.float().view(kk, b, n, heads, r // heads).transpose(2, 3)
+    return t.to(acc_dtype(t)).view(kk, b, n, heads, r // heads).transpose(2, 3)
 
 
 def _split_heads(qkv: torch.Tensor, heads: int) -> tuple[torch.Tensor, ...]:
-    """qkv [K, B, N, 3r] -> q, k, v as fp32 [K, B, H, N, dh]."""
+    """qkv [K, B, N, 3r] -> q, k, v as fp32 (float64) [K, B, H, N, dh]."""
     return tuple(_heads(part, heads) for part in qkv.chunk(3, dim=-1))
 
 
@@ -94,8 +94,8 @@ CUDA_MAX_HEAD_DIM = 128  # csrc/cuda/low_rank_attention.cuh: kLowRankAttnMaxHead
 
 def _preferred(qkv: torch.Tensor, heads: int) -> list[str]:
     if qkv.device.type == "cpu":
-        return ["cpu"]
-    return ["cuda", "triton"] if qkv.shape[-1] // (3 * heads) <= CUDA_MAX_HEAD_DIM else ["triton"]
+        return native(qkv, ["cpu"])
+    return native(qkv, ["cuda", "triton"] if qkv.shape[-1] // (3 * heads) <= CUDA_MAX_HEAD_DIM else ["triton"])
 
 
 @custom_op("effkern::low_rank_attention_core")
@@ -108,7 +108,7 @@ def core_op(qkv: torch.Tensor, heads: int, scale: float) -> tuple[torch.Tensor, 
 @core_op.register_fake
 def _(qkv, heads, scale):
     kk, b, n, three_r = qkv.shape
-    return qkv.new_empty((kk, b, n, three_r // 3)), qkv.new_empty((kk, b, heads, n), dtype=torch.float32)
+    return qkv.new_empty((kk, b, n, three_r // 3)), qkv.new_empty((kk, b, heads, n), dtype=acc_dtype(qkv))
 
 
 @custom_op("effkern::low_rank_attention_core_bwd")
@@ -142,7 +142,8 @@ _differentiable = register_autograd(core_op, _backward, _setup_context)
 
 def check_weights(x: torch.Tensor, w_qkv: torch.Tensor, w_o: torch.Tensor, heads: int,
                   scale: float | None) -> float:
-    """Checks of the side networks' weights against tokens x ``[..., d]``; returns the logit scale."""
+    """Checks of the side networks' weights against tokens x ``[..., d]``; returns the heads as an int and the
+    logit scale."""
     d = x.shape[-1]
     check_tensor("w_qkv", w_qkv, ndim=3, device=x.device, shape=(None, d), dims="[K, d, 3r]")
     kk, _, three_r = w_qkv.shape
@@ -153,9 +154,10 @@ def check_weights(x: torch.Tensor, w_qkv: torch.Tensor, w_o: torch.Tensor, heads
     r = three_r // 3
     check_tensor("w_o", w_o, ndim=3, device=x.device, shape=(kk, r, d), dims="[K, r, d]")
     check_same_dtype("w_o", w_o, "x", x)
-    if not isinstance(heads, int) or heads < 1 or r % heads:
+    heads = check_int("heads", heads, 1)
+    if r % heads:
         raise ValueError(f"heads must be a positive divisor of the rank r={r}, got {heads}")
-    return 1.0 / math.sqrt(r // heads) if scale is None else float(scale)
+    return heads, 1.0 / math.sqrt(r // heads) if scale is None else float(scale)
 
 
 def down_projection(x: torch.Tensor, w_qkv: torch.Tensor) -> torch.Tensor:
@@ -194,7 +196,7 @@ def low_rank_attention(
     check_tensor("x", x, dtypes=FLOAT_DTYPES, dims="[B, N, d] or [K, B, N, d]")
     if x.dim() not in (3, 4):
         raise ValueError(f"x must be [B, N, d] or [K, B, N, d], got shape {tuple(x.shape)}")
-    scale = check_weights(x, w_qkv, w_o, heads, scale)
+    heads, scale = check_weights(x, w_qkv, w_o, heads, scale)
     kk, r, d = w_o.shape
     if x.dim() == 4 and x.shape[0] != kk:
         raise ValueError(f"x [K, B, N, d] must have K={kk} (w_qkv's side networks) in dim 0, got {tuple(x.shape)}")

@@ -98,7 +98,7 @@ def low_rank_attention_block(
     check_tensor("z", z, ndim=3, dtypes=FLOAT_DTYPES, dims="[B, N, d]")
     check_tensor("u", u, device=z.device, dims="[K, B, N, d] or [B, N, d]")
     check_same_dtype("u", u, "z", z)
-    scale = check_weights(z, w_qkv, w_o, heads, scale)
+    heads, scale = check_weights(z, w_qkv, w_o, heads, scale)
     kk = w_qkv.shape[0]
     if u.shape not in (z.shape, (kk, *z.shape)):
         raise ValueError(f"u must be [K, B, N, d] = {(kk, *z.shape)} or [B, N, d] = {tuple(z.shape)}, got "

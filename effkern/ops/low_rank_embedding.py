@@ -20,7 +20,16 @@ from __future__ import annotations
 import torch
 
 from effkern.ops import _backend
-from effkern.ops._checks import FLOAT_DTYPES, INDEX_DTYPES, bounds_checkable, check_same_dtype, check_tensor
+from effkern.ops._checks import (
+    FLOAT_DTYPES,
+    INDEX_DTYPES,
+    acc_dtype,
+    bounds_checkable,
+    check_same_dtype,
+    check_tensor,
+    native,
+)
+from effkern.ops._device_errors import guarded
 from effkern.ops._op import custom_op, register_autograd
 
 MODES = ("sum", "mean")
@@ -42,27 +51,29 @@ def bag_lookup(table: torch.Tensor, ids: torch.Tensor, offsets: torch.Tensor, me
 
 
 def _bags(ids, table, offsets, mean: bool):
-    """(rows [B, F, L] table rows, valid [B, F, L], scaled bag sums [B, F, k] fp32, c [B, F], s [B, F])."""
+    """(rows [B, F, L] table rows, valid [B, F, L], scaled bag sums [B, F, k] fp32 (fp64 for a fp64 table),
+    c [B, F], s [B, F])."""
     rows, valid = bag_rows(ids, offsets)
-    n = valid.sum(-1).float()
-    c = (n > 0).float() if mean else n
+    n = valid.sum(-1).to(acc_dtype(table))
+    c = (n > 0).to(n.dtype) if mean else n
     s = 1 / n.clamp_min(1) if mean else torch.ones_like(n)
-    return rows, valid, bag_lookup(table.float(), ids, offsets, mean), c, s
+    return rows, valid, bag_lookup(table.to(n.dtype), ids, offsets, mean), c, s
 
 
 def reference(ids, table, offsets, u, mu, mean: bool) -> torch.Tensor:
     """Ground truth: ``out [B, F, d]`` in the table's dtype."""
+    check_ids(ids, offsets, table.shape[0])  # torch.ops callers reach this without the entry point's checks
     _, _, e, c, _ = _bags(ids, table, offsets, mean)
-    out = torch.einsum("fdk,bfk->bfd", u.float(), e) + c[..., None] * mu.float()
+    out = torch.einsum("fdk,bfk->bfd", u.to(e.dtype), e) + c[..., None] * mu.to(e.dtype)
     return out.to(table.dtype)
 
 
 def _grads(bags, table, u, mu, g, de):
     """(dtable, du, dmu) from the bags (:func:`_bags`) and each bag's gradient de [B, F, k] (fp32)."""
     rows, valid, e, c, _ = bags
-    dtable = torch.zeros(table.shape, dtype=torch.float32, device=table.device)
-    dtable.index_add_(0, rows[valid], de[:, :, None].expand(*rows.shape, de.shape[-1])[valid])
-    gf = g.float()
+    dtable = torch.zeros(table.shape, dtype=e.dtype, device=table.device)
+    dtable.index_add_(0, rows[valid], de[:, :, None].expand(*rows.shape, de.shape[-1])[valid].to(e.dtype))
+    gf = g.to(e.dtype)
     return (dtable.to(table.dtype), torch.einsum("bfd,bfk->fdk", gf, e).to(u.dtype),
             (c[..., None] * gf).sum(0).to(mu.dtype))
 
@@ -70,14 +81,20 @@ def _grads(bags, table, u, mu, g, de):
 def bwd_reference(ids, table, offsets, u, mu, g, mean: bool):
     """``(dtable, du, dmu)`` from ``g = dL/dout [B, F, d]``: de = s U_f^T g scattered to the bag's rows,
     dU_f = sum_b g e^T, dmu_f = sum_b c g."""
+    check_ids(ids, offsets, table.shape[0])
     bags = _bags(ids, table, offsets, mean)
-    de = torch.einsum("fdk,bfd->bfk", u.float(), g.float()) * bags[4][..., None]
+    de = torch.einsum("fdk,bfd->bfk", u.to(bags[2].dtype), g.to(bags[2].dtype)) * bags[4][..., None]
     return _grads(bags, table, u, mu, g, de)
 
 
-def _native_fwd(ids, table, offsets, u, mu, mean):
-    return getattr(_backend.extension(), f"low_rank_embedding_fwd_{table.device.type}")(
-        ids, table, offsets, u.contiguous(), mu.contiguous(), mean)
+def _cpu_fwd(ids, table, offsets, u, mu, mean):
+    return _backend.extension().low_rank_embedding_fwd_cpu(ids, table, offsets, u.contiguous(), mu.contiguous(), mean)
+
+
+@guarded
+def _cuda_fwd(ids, table, offsets, u, mu, mean, err):
+    return _backend.extension().low_rank_embedding_fwd_cuda(ids, table, offsets, u.contiguous(), mu.contiguous(),
+                                                            mean, err)
 
 
 def _cpu_bwd(ids, table, offsets, u, mu, g, mean):
@@ -89,6 +106,7 @@ def _cuda_bwd(ids, table, offsets, u, mu, g, mean):
     return _grads(_bags(ids, table, offsets, mean), table, u, mu, g, de)
 
 
+@guarded
 def _triton_fwd(*args):
     from effkern.triton_kernels.low_rank_embedding import low_rank_embedding_fwd_triton
 
@@ -102,15 +120,15 @@ def _triton_bwd(ids, table, offsets, u, mu, g, mean):
     return _grads(_bags(ids, table, offsets, mean), table, u, mu, g, de)
 
 
-_FWD = {"reference": reference, "cpu": _native_fwd, "cuda": _native_fwd, "triton": _triton_fwd}
+_FWD = {"reference": reference, "cpu": _cpu_fwd, "cuda": _cuda_fwd, "triton": _triton_fwd}
 _BWD = {"reference": bwd_reference, "cpu": _cpu_bwd, "cuda": _cuda_bwd, "triton": _triton_bwd}
 CUDA_MAX_RANK = 32  # csrc/cuda/low_rank_embedding.cuh: kLowRankEmbeddingMaxRank
 
 
 def _preferred(table: torch.Tensor) -> list[str]:
     if table.device.type == "cpu":
-        return ["cpu"]
-    return ["cuda", "triton"] if table.shape[1] <= CUDA_MAX_RANK else ["triton"]
+        return native(table, ["cpu"])
+    return native(table, ["cuda", "triton"] if table.shape[1] <= CUDA_MAX_RANK else ["triton"])
 
 
 @custom_op("effkern::low_rank_embedding")

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from effkern.ops import _backend
-from effkern.ops._checks import FLOAT_DTYPES, check_same_dtype, check_tensor
+from effkern.ops._checks import FLOAT_DTYPES, acc_dtype, check_same_dtype, check_tensor, native
 from effkern.ops._op import custom_op, register_autograd
 
 ACTIVATIONS = ("none", "relu", "gelu")  # the kernels' act codes are the indices
@@ -48,14 +48,19 @@ def _act_grad(t: torch.Tensor, act: int) -> torch.Tensor:
 
 
 def _hidden(x, u, b1, act):
-    t = F.linear(x.float(), u.float(), None if b1 is None else b1.float())
+    if b1 is not None and b1.shape != u.shape[:1]:  # F.linear would broadcast a wrong length silently
+        raise ValueError(f"b1 must be [r] = [{u.shape[0]}], got {tuple(b1.shape)}")
+    acc = acc_dtype(x)
+    t = F.linear(x.to(acc), u.to(acc), None if b1 is None else b1.to(acc))
     return t, _act(t, act)
 
 
 def reference(x, u, b1, v, b2, act: int, out_act: int) -> torch.Tensor:
     """Ground truth: ``y [M, d_out]`` in x's dtype."""
     _, a = _hidden(x, u, b1, act)
-    return _act(F.linear(a, v.float(), None if b2 is None else b2.float()), out_act).to(x.dtype)
+    if b2 is not None and b2.shape != v.shape[:1]:
+        raise ValueError(f"b2 must be [d_out] = [{v.shape[0]}], got {tuple(b2.shape)}")
+    return _act(F.linear(a, v.to(a.dtype), None if b2 is None else b2.to(a.dtype)), out_act).to(x.dtype)
 
 
 def _masked(g, y):
@@ -67,9 +72,9 @@ def bwd_reference(x, u, b1, v, g, y, act: int):
     """``(dx, du, db1, dv, db2)`` in the inputs' dtype: with g masked by y > 0 when y (the relu'd output) is given,
     dt = (g V) * act'(t), dx = dt U, dU = dt^T x, dV = g^T act(t), db1 = sum dt, db2 = sum g."""
     t, a = _hidden(x, u, b1, act)
-    gf = _masked(g, y).float()
-    dt = (gf @ v.float()) * _act_grad(t, act)
-    grads = (dt @ u.float(), dt.t() @ x.float(), dt.sum(0), gf.t() @ a, gf.sum(0))
+    gf = _masked(g, y).to(t.dtype)
+    dt = (gf @ v.to(t.dtype)) * _act_grad(t, act)
+    grads = (dt @ u.to(t.dtype), dt.t() @ x.to(t.dtype), dt.sum(0), gf.t() @ a, gf.sum(0))
     return tuple(t.to(x.dtype) for t in grads)
 
 
@@ -121,8 +126,8 @@ CUDA_MAX_RANK = 64  # csrc/cuda/low_rank_linear.cuh: kLowRankLinearMaxRank
 
 def _preferred(x: torch.Tensor, u: torch.Tensor) -> list[str]:
     if x.device.type == "cpu":
-        return ["cpu"]
-    return ["cuda", "triton"] if u.shape[0] <= CUDA_MAX_RANK else ["triton"]
+        return native(x, ["cpu"])
+    return native(x, ["cuda", "triton"] if u.shape[0] <= CUDA_MAX_RANK else ["triton"])
 
 
 @custom_op("effkern::low_rank_linear")

@@ -20,23 +20,28 @@ from __future__ import annotations
 import torch
 
 from effkern.ops import _backend
-from effkern.ops._checks import FLOAT_DTYPES, check_same_dtype, check_tensor
+from effkern.ops._checks import FLOAT_DTYPES, acc_dtype, check_same_dtype, check_tensor, native
 from effkern.ops._op import custom_op, register_autograd
 
 
 def reference(u: torch.Tensor, z: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Ground truth: ``(h, x)`` in u's dtype and ``rstd`` fp32 of shape ``u.shape[:-1]``."""
-    h = u.float() + z.float()
-    centred = h - h.mean(-1, keepdim=True)
+    """Ground truth: ``(h, x)`` in u's dtype and ``rstd`` fp32 (float64 for float64 u) of shape ``u.shape[:-1]``.
+    The statistics are those of ``h - h[..., :1]``: a constant row gives exactly 0 (as F.layer_norm), and a large
+    mean cancels in that shift rather than in sums of the mean's size."""
+    acc = acc_dtype(u)
+    h = u.to(acc) + z.to(acc)
+    shifted = h - h[..., :1]
+    centred = shifted - shifted.mean(-1, keepdim=True)
     rstd = torch.rsqrt(centred.square().mean(-1) + eps)
     return h.to(u.dtype), (centred * rstd[..., None]).to(u.dtype), rstd
 
 
 def bwd_reference(x: torch.Tensor, rstd: torch.Tensor, dh: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
     """``du`` (u's dtype) from the saved x and rstd and the gradients of h and x."""
-    xf, dxf = x.float(), dx.float()
+    acc = acc_dtype(x)
+    xf, dxf = x.to(acc), dx.to(acc)
     dn = dxf - dxf.mean(-1, keepdim=True) - xf * (dxf * xf).mean(-1, keepdim=True)
-    return (dh.float() + rstd[..., None] * dn).to(x.dtype)
+    return (dh.to(acc) + rstd[..., None] * dn).to(x.dtype)
 
 
 def _native_fwd(u, z, eps):
@@ -64,7 +69,7 @@ _BWD = {"reference": bwd_reference, "cpu": _native_bwd, "triton": _triton_bwd}
 
 
 def _preferred(t: torch.Tensor) -> list[str]:
-    return ["cpu"] if t.device.type == "cpu" else ["triton"]
+    return native(t, ["cpu"] if t.device.type == "cpu" else ["triton"])
 
 
 @custom_op("effkern::residual_layer_norm")
@@ -75,7 +80,7 @@ def fwd_op(u: torch.Tensor, z: torch.Tensor, eps: float) -> tuple[torch.Tensor, 
 
 @fwd_op.register_fake
 def _(u, z, eps):
-    return torch.empty_like(u), torch.empty_like(u), u.new_empty(u.shape[:-1], dtype=torch.float32)
+    return torch.empty_like(u), torch.empty_like(u), u.new_empty(u.shape[:-1], dtype=acc_dtype(u))
 
 
 @custom_op("effkern::residual_layer_norm_bwd")

@@ -75,10 +75,20 @@ class Rope:
         return cos.contiguous(), sin.contiguous()
 
 
+def check_tables(cos: torch.Tensor | None, sin: torch.Tensor | None, batch: int, rotary_dim: int) -> None:
+    """The normalised ops' per-row tables: cos and sin ``[B, R/2]`` when ``rotary_dim`` R > 0 (the references
+    would broadcast a wrong shape silently; the kernels' launchers check the same)."""
+    if rotary_dim:
+        for name, t in (("cos", cos), ("sin", sin)):
+            if t is None or tuple(t.shape) != (batch, rotary_dim // 2):
+                raise ValueError(f"{name} must be [B, R/2] = [{batch}, {rotary_dim // 2}] when rotary_dim > 0, got "
+                                 f"{None if t is None else tuple(t.shape)}")
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, style: int, rotary_dim: int) -> torch.Tensor:
     """Reference rotation of the first ``rotary_dim`` dims of ``x [..., D]``; ``cos``/``sin`` broadcast to
-    ``[..., R/2]``. ``style`` is ``STYLES[name]``. Returns fp32."""
-    x = x.float()
+    ``[..., R/2]``. ``style`` is ``STYLES[name]``. Returns fp32 (float64 for float64 x)."""
+    x = x if x.dtype == torch.float64 else x.float()
     r, h = rotary_dim, rotary_dim // 2
     rot, rest = x[..., :r], x[..., r:]
     if style == STYLES["half"]:

@@ -112,7 +112,7 @@ def test_torch_compile_fullgraph():
     "change, match",
     [
         (lambda a: a.update(x=a["x"][0, 0]), r"x must be \[B, N, d\] or \[K, B, N, d\]"),
-        (lambda a: a.update(x=a["x"].double()), "x must have dtype in"),
+        (lambda a: a.update(x=a["x"].to(torch.complex64)), "x must have dtype in"),
         (lambda a: a.update(w_qkv=a["w_qkv"][:, :5]), r"w_qkv \[K, d, 3r\] must have size 16 in dim 1"),
         (lambda a: a.update(w_qkv=a["w_qkv"][..., :23]), "divisible by 3"),
         (lambda a: a.update(w_o=a["w_o"][:, :3]), r"w_o \[K, r, d\] must have size 8 in dim 1"),
