@@ -9,8 +9,7 @@ import torch.nn.functional as F
 from helpers import assert_close, assert_close_scaled, requires_ext
 from timm.models.vision_transformer import VisionTransformer
 
-from effkern.methods.last.model import LASTSide, group_features
-from effkern.methods.last.train import StackedAdamW, accuracy, train_side
+from effkern.methods.last import LASTSide, StackedAdamW, accuracy, group_features, train_side
 from effkern.ops import low_rank_attention
 
 pytestmark = requires_ext
@@ -33,7 +32,8 @@ def data(n=48, seed=0):
 
 def side_for(vit, feats, k=1, **kwargs):
     torch.manual_seed(1)
-    return LASTSide(32, len(feats) - 1, 8, 2, vit.norm, heads=2, num_networks=k, **kwargs)
+    group_size = len(vit.blocks) // (len(feats) - 1)
+    return LASTSide(vit, 2, rank=8, heads=2, group_size=group_size, num_networks=k, **kwargs)
 
 
 def test_group_features_are_the_backbone_stream(vit):
@@ -54,8 +54,8 @@ def plain_side(side, feats):
         h = u + z
         delta = low_rank_attention(F.layer_norm(h, h.shape[-1:]), block.w_qkv, block.w_o, heads=block.heads)
         u, deltas = h + delta, deltas + delta
-    out = side.final_norm(feats[-1] + deltas if side.bias_correction else u)
-    pooled = out[..., 0, :] if side.pool == "cls" else out[..., 1:, :].mean(-2)
+    out = side.norm(feats[-1] + deltas if side.bias_correction else u)
+    pooled = side.fc_norm(out[..., 0, :] if side.pool == "cls" else out[..., 1:, :].mean(-2))
     return torch.baddbmm(side.head_bias[:, None], pooled, side.head_weight)
 
 
@@ -89,7 +89,41 @@ def test_starts_as_the_linear_probe_on_the_final_feature(vit):
         expected = vit.forward_features(x)[:, 0] @ side.head_weight + side.head_bias[:, None]
     assert_close(side(feats), expected)
     uncorrected = side_for(vit, feats, bias_correction=False)
-    assert not torch.allclose(uncorrected.final_norm(sum(feats)), vit.forward_features(x))
+    assert not torch.allclose(uncorrected.norm(sum(feats)), vit.forward_features(x))
+
+
+HEAD_PATHS = {  # timm head paths: the norm before or after the pool, prefix tokens (cls, registers) or none
+    "token": dict(),
+    "token+registers": dict(reg_tokens=2),
+    "avg (fc_norm)": dict(global_pool="avg"),
+    "avg, registers, no cls": dict(global_pool="avg", class_token=False, reg_tokens=2),
+    "avg, norm before the pool": dict(global_pool="avg", fc_norm=False),
+    "avg over every token": dict(global_pool="avg", pool_include_prefix=True, reg_tokens=1),
+}
+
+
+@pytest.mark.parametrize("config", HEAD_PATHS)
+def test_zero_side_network_is_the_backbones_own_head_path(config):
+    """With the up-projections at zero LAST's feature is the backbone's final feature, so its logits are a linear
+    head on exactly what timm's forward_head feeds its classifier: the same tokens pooled, the same norms."""
+    torch.manual_seed(0)
+    vit = VisionTransformer(img_size=16, patch_size=4, in_chans=1, embed_dim=32, depth=2, num_heads=2,
+                            num_classes=0, **HEAD_PATHS[config]).eval()
+    with torch.no_grad():  # norms that are not the identity, so a missing or misplaced one shows
+        for norm in (vit.norm, vit.fc_norm):
+            for p in norm.parameters():
+                p.normal_()
+    x, _ = data(3)
+    feats = group_features(vit, x, 1)
+    with torch.no_grad():
+        want = vit.forward_head(vit.forward_features(x), pre_logits=True)
+    for probe in (False, True):
+        side = LASTSide(vit, 5, rank=8, num_networks=2, probe=probe)
+        with torch.no_grad():
+            side.head_weight.normal_()
+            side.head_bias.normal_()
+            got = side(feats[-1:] if probe else feats)
+        assert_close(got, want @ side.head_weight + side.head_bias[:, None])
 
 
 def test_k_networks_train_exactly_like_k_separate_runs(vit):
@@ -144,7 +178,16 @@ def test_bad_arguments(vit):
     with pytest.raises(ValueError, match="positive learning rates"):
         StackedAdamW([torch.nn.Parameter(torch.zeros(1, 4))], [])
     with pytest.raises(ValueError, match="pool must be"):
-        LASTSide(32, 2, 8, 2, vit.norm, pool="max")
-    side = LASTSide(32, 2, 8, 2, vit.norm)
+        LASTSide(vit, 2, pool="max")
+    with pytest.raises(ValueError, match="group_size must divide the backbone depth 4"):
+        LASTSide(vit, 2, group_size=3)
+    side = LASTSide(vit, 2, group_size=2)
     with pytest.raises(ValueError, match=r"expected 3 features \[z_0..z_m\]"):
         side([torch.zeros(1, 17, 32)] * 2)
+    no_cls = VisionTransformer(img_size=16, patch_size=4, in_chans=1, embed_dim=32, depth=2, num_heads=2,
+                               class_token=False, reg_tokens=1, global_pool="avg")
+    with pytest.raises(ValueError, match="pool='cls' needs a backbone with a cls token"):
+        LASTSide(no_cls, 2, pool="cls")
+    with pytest.raises(ValueError, match="global_pool='max' has no LAST counterpart"):
+        LASTSide(VisionTransformer(img_size=16, patch_size=4, in_chans=1, embed_dim=32, depth=2, num_heads=2,
+                                   global_pool="max"), 2)

@@ -43,6 +43,13 @@ def test_flow_writes_rows_for_every_method_and_resumes(tmp_path, monkeypatch):
     assert flow.run(cfg) == rows
 
 
+def test_package_exports_the_flow():
+    import effkern.methods.last as last
+
+    assert last.run is flow.run and last.LastConfig is flow.LastConfig
+    assert all(hasattr(last, name) for name in last.__all__)
+
+
 def test_bad_flow_config(tmp_path):
     with pytest.raises(ValueError, match="methods must be among"):
         flow.run(flow.LastConfig(methods=("prompt",), out=str(tmp_path)))

@@ -1,8 +1,8 @@
 """Baselines in LAST's harness: full fine-tuning and LoRA (HF peft) of the timm ViT, trained end to end on images.
 
 The linear probe needs no code of its own: it is a :class:`~effkern.methods.last.model.LASTSide` without LSA
-blocks reading only the final feature (see :func:`effkern.methods.last.flow.make_side`), trained with the same
-stacked trainer, K learning rates at once.
+blocks reading only the final feature (``probe=True``), trained with the same stacked trainer, K learning rates at
+once.
 
 Both baselines put one linear head on the cls token of the backbone's final (normed) feature, like LAST's default,
 and train with AdamW (weight decay on weights only), warm-up + cosine, batch 32: the DTL recipe (PAPERS.md B)

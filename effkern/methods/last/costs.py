@@ -62,8 +62,7 @@ def _make_step(method: str, shape: SideTuningShape):
 
     from effkern.methods.backbone import load_backbone, normalize
     from effkern.methods.last.baselines import make_baseline, make_optimizer, train_step, trainable_parameters
-    from effkern.methods.last.flow import make_side
-    from effkern.methods.last.model import group_features
+    from effkern.methods.last.model import LASTSide, group_features
     from effkern.methods.last.train import side_optimizer, side_step
 
     torch.manual_seed(0)
@@ -75,8 +74,8 @@ def _make_step(method: str, shape: SideTuningShape):
         opt = make_optimizer(model, 1e-3, 0.05)
         return lambda: train_step(model, opt, images, labels), trainable_parameters(model)
     probe = method == "linear_probe"
-    side = make_side(vit, shape.num_classes, rank=shape.rank, heads=shape.heads, group_size=shape.group_size,
-                     num_networks=shape.num_networks, probe=probe)
+    side = LASTSide(vit, shape.num_classes, rank=shape.rank, heads=shape.heads, group_size=shape.group_size,
+                    num_networks=shape.num_networks, probe=probe)
     opt = side_optimizer(side, [1e-3] * shape.num_networks)
     trainable = sum(p.numel() for p in side.parameters() if p.requires_grad) // shape.num_networks
 

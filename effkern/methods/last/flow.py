@@ -57,15 +57,6 @@ class LastConfig:
     cost_steps: int = 10  # timed steps per method for step_time_s / peak_mem_bytes (0: not measured)
 
 
-def make_side(vit: nn.Module, num_classes: int, *, rank: int, heads: int, group_size: int, num_networks: int,
-              probe: bool = False, pool: str = "cls", bias_correction: bool = True) -> LASTSide:
-    """LAST's side networks for a timm ViT (``probe``: none of its LSA blocks, reading only the final feature
-    ``[z_m]``: the linear probe, trained by the same stacked trainer)."""
-    blocks = 0 if probe else len(vit.blocks) // group_size
-    return LASTSide(vit.embed_dim, blocks, rank, num_classes, vit.norm, heads=heads, num_networks=num_networks,
-                    pool=pool, bias_correction=bias_correction, num_prefix_tokens=vit.num_prefix_tokens)
-
-
 def _features(vit: nn.Module, images: torch.Tensor, group_size: int, batch: int = 250) -> list[torch.Tensor]:
     chunks = [group_features(vit, normalize(images[i : i + batch]), group_size) for i in range(0, len(images), batch)]
     return [torch.cat(parts) for parts in zip(*chunks, strict=True)]
@@ -75,9 +66,8 @@ def _side_rows(method: str, cfg: LastConfig, vit, task, feats: dict) -> dict:
     probe = method == "linear_probe"
     pick = (lambda f: f[-1:]) if probe else (lambda f: f)
     torch.manual_seed(cfg.seed)
-    side = make_side(vit, task.num_classes, rank=cfg.rank, heads=cfg.heads, group_size=cfg.group_size,
-                     num_networks=len(cfg.parallel_lrs), probe=probe, pool=cfg.pool,
-                     bias_correction=cfg.bias_correction)
+    side = LASTSide(vit, task.num_classes, rank=cfg.rank, heads=cfg.heads, group_size=cfg.group_size,
+                    num_networks=len(cfg.parallel_lrs), probe=probe, pool=cfg.pool, bias_correction=cfg.bias_correction)
     train_side(side, pick(feats["train"]), task.train_y, lrs=cfg.parallel_lrs, epochs=cfg.epochs,
                batch_size=cfg.batch_size, seed=cfg.seed, progress=cfg.progress)
     val = accuracy(side, pick(feats["val"]), task.val_y)
