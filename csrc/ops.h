@@ -62,16 +62,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> low_rank_embedding_bwd_cpu(const 
                                                                           const at::Tensor& g, bool mean);
 
 #ifdef EFFKERN_WITH_CUDA
+// The CUDA kernels check their index arguments without a host sync: a value outside its range is clamped (gqa_decode
+// lengths), skipped (kv_append slots, low_rank_embedding ids) and recorded in `err`, an int32 [1] tensor in pinned
+// host memory (or on the device) that effkern/ops/_device_errors.py reads and turns into a ValueError.
 at::Tensor gqa_decode_cuda(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                            const at::Tensor& seq_lens, const std::optional<at::Tensor>& kv_start,
-                          const std::optional<at::Tensor>& cos,
+                           const std::optional<at::Tensor>& cos,
                            const std::optional<at::Tensor>& sin, const std::optional<at::Tensor>& q_proj,
-                           double scale, double softcap, int64_t rope_style, int64_t rotary_dim);
+                           double scale, double softcap, int64_t rope_style, int64_t rotary_dim,
+                           const at::Tensor& err);
 
 void kv_append_cuda(at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& k, const at::Tensor& v,
                     const at::Tensor& slots, const std::optional<at::Tensor>& cos,
                     const std::optional<at::Tensor>& sin, const std::optional<at::Tensor>& k_proj,
-                    int64_t rope_style, int64_t rotary_dim);
+                    int64_t rope_style, int64_t rotary_dim, const at::Tensor& err);
 
 std::tuple<at::Tensor, at::Tensor> low_rank_attention_fwd_cuda(const at::Tensor& qkv, int64_t heads, double scale);
 at::Tensor low_rank_attention_bwd_cuda(const at::Tensor& qkv, const at::Tensor& out, const at::Tensor& lse,
@@ -88,7 +92,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> low_rank_linear_bwd_cuda(const at
 
 // Compressed embedding (k <= 32): the backward kernel returns each bag's gradient de fp32 [B, F, k].
 at::Tensor low_rank_embedding_fwd_cuda(const at::Tensor& ids, const at::Tensor& table, const at::Tensor& offsets,
-                                       const at::Tensor& u, const at::Tensor& mu, bool mean);
+                                       const at::Tensor& u, const at::Tensor& mu, bool mean, const at::Tensor& err);
 at::Tensor low_rank_embedding_de_cuda(const at::Tensor& ids, const at::Tensor& u, const at::Tensor& g, bool mean);
 #endif
 

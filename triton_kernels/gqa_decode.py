@@ -26,6 +26,9 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _checks as chk
+from ._checks import ERR_KV_START, ERR_SEQ_LENS
+
 # Split rule (see _num_splits): aim for ~2 programs per SM so every SM has work and a second program to hide
 # memory latency, but never give a split fewer than MIN_KEYS_PER_SPLIT keys of cache capacity (below that the
 # partial write + combine costs more than the parallelism gains). MAX_SPLITS bounds the scratch and the
@@ -114,8 +117,8 @@ def _tanh(x):
 
 
 @triton.jit
-def _decode_split_kernel(qp_ptr, k_ptr, v_ptr, seq_lens_ptr, kv_start_ptr, out_ptr, m_ptr, l_ptr, acc_ptr, softcap,
-                         stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs, num_kv_heads,
+def _decode_split_kernel(qp_ptr, k_ptr, v_ptr, seq_lens_ptr, kv_start_ptr, out_ptr, m_ptr, l_ptr, acc_ptr, err_ptr,
+                         softcap, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs, num_kv_heads, s_max,
                          GROUP: tl.constexpr, HEAD_DK: tl.constexpr, HEAD_DV: tl.constexpr,
                          NUM_SPLITS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
                          BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
@@ -124,7 +127,9 @@ def _decode_split_kernel(qp_ptr, k_ptr, v_ptr, seq_lens_ptr, kv_start_ptr, out_p
 
     qp: [B, Hq, Dk] fp32 (rotated, projected, scaled); k: [B, Hkv, S_max, Dk], v: [B, Hkv, S_max, Dv]
     (strided, unit last stride); seq_lens, kv_start (HAS_START): [B] int32, the valid keys are
-    [kv_start, seq_lens). NUM_SPLITS == 1: out [B, Hq, Dv] gets the result.
+    [kv_start, seq_lens), clamped into [0, S_max] (a value outside is recorded in err [1] int32, as
+    effkern/ops/_device_errors.py describes): no other cache row is ever read. NUM_SPLITS == 1: out [B, Hq, Dv]
+    gets the result.
     Else m, l: [B, Hq, NUM_SPLITS] and acc: [B, Hq, NUM_SPLITS, Dv] (fp32) get the unnormalised partials;
     an empty split writes (-inf, 0, 0). Each sequence's own key range is cut into NUM_SPLITS slices of whole
     tiles, so short sequences use fewer splits rather than many near-empty ones.
@@ -133,9 +138,13 @@ def _decode_split_kernel(qp_ptr, k_ptr, v_ptr, seq_lens_ptr, kv_start_ptr, out_p
     split = tl.program_id(1)
     b = bh // num_kv_heads
     kvh = bh % num_kv_heads
-    seq_len = tl.load(seq_lens_ptr + b)
+    given_len = tl.load(seq_lens_ptr + b)
+    seq_len = tl.minimum(tl.maximum(given_len, 0), s_max)
+    code = tl.where(seq_len != given_len, ERR_SEQ_LENS, 0)
     if HAS_START:
-        first = tl.load(kv_start_ptr + b)
+        given_first = tl.load(kv_start_ptr + b)
+        first = tl.minimum(tl.maximum(given_first, 0), seq_len)
+        code |= tl.where((given_first < 0) | (given_first > given_len), ERR_KV_START, 0)
     else:
         first = 0
     per_split = tl.cdiv(tl.cdiv(seq_len - first, NUM_SPLITS), BLOCK_N) * BLOCK_N
@@ -192,9 +201,12 @@ def _decode_split_kernel(qp_ptr, k_ptr, v_ptr, seq_lens_ptr, kv_start_ptr, out_p
         k_tile += BLOCK_N * stride_ks
         v_tile += BLOCK_N * stride_vs
 
+    # One report per sequence, stored after the key loop: a store ahead of it changes how the loop is pipelined
+    # and makes the widest fp32 tiles spill (tests/ops/test_triton_compile.py).
+    tl.store(err_ptr, code, mask=(code != 0) & (kvh == 0) & (split == 0))
     out_mask = g_mask[:, None] & dv_mask[None, :]
     if NUM_SPLITS == 1:
-        o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # an empty context leaves acc = 0: zeros, not NaN
+        o = acc / tl.where(l_i == 0, 1.0, l_i)[:, None]  # an empty context leaves acc = 0: zeros, not NaN
         tl.store(out_ptr + rows[:, None] * HEAD_DV + offs_dv[None, :], o.to(out_ptr.dtype.element_ty),
                  mask=out_mask)
     else:
@@ -222,7 +234,7 @@ def _combine_splits_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, NUM_SPLITS: tl.conste
     m_max = tl.where(m_max > float("-inf"), m_max, 0.0)  # all splits empty (length 0): weights exp(-inf) = 0
     w = tl.exp(m - m_max)
     total = tl.sum(w * sums, axis=0)
-    o = tl.sum(w[:, None] * acc, axis=0) / tl.where(total > 0, total, 1.0)
+    o = tl.sum(w[:, None] * acc, axis=0) / tl.where(total == 0, 1.0, total)
     tl.store(out_ptr + row * HEAD_DV + offs_dv, o.to(out_ptr.dtype.element_ty), mask=offs_dv < HEAD_DV)
 
 
@@ -288,17 +300,21 @@ def gqa_decode_triton(
     softcap: float,
     rope_style: int,
     rotary_dim: int,
+    err: torch.Tensor,
     num_splits: int | None = None,
 ) -> torch.Tensor:
-    """GQA decode on normalised arguments (validated by ``effkern.ops.gqa_decode``).
+    """GQA decode on normalised arguments (the shapes are checked here again: the registered op can be called
+    without ``effkern.ops.gqa_decode``'s checks).
 
     q: [B, Hq, D] contiguous; k_cache: [B, Hkv, S_max, Dk], v_cache: [B, Hkv, S_max, Dv] (q's dtype, any
     strides with unit last stride; never copied); seq_lens: [B] int32; kv_start: [B] int32 or None (the
     first valid key of each sequence, for left padding); cos, sin: [B, R/2] fp32 or None;
     q_proj: [Hq, D, Dk] fp32 or None (then Dk == D); softcap 0 = off; rope_style 0 = half, 1 = interleaved;
-    rotary_dim R (0 = no RoPE). num_splits overrides the split rule (tests use it to force splitting).
-    Returns [B, Hq, Dv] contiguous in q's dtype.
+    rotary_dim R (0 = no RoPE); err: the int32 [1] error word that gets SEQ_LENS / KV_START for lengths the
+    kernel had to clamp (effkern/ops/_device_errors.py). num_splits overrides the split rule (tests use it to
+    force splitting). Returns [B, Hq, Dv] contiguous in q's dtype.
     """
+    _check(q, k_cache, v_cache, seq_lens, kv_start, cos, sin, q_proj, softcap, rope_style, rotary_dim, err)
     b, hq, d = q.shape
     hkv, s_max, dk = k_cache.shape[1:]
     dv = v_cache.shape[-1]
@@ -325,8 +341,7 @@ def gqa_decode_triton(
         m_part = l_part = acc_part = qp  # unused with one split
     _decode_split_kernel[(b * hkv, splits)](
         qp, k_cache, v_cache, seq_lens, seq_lens if kv_start is None else kv_start, out, m_part, l_part, acc_part,
-        float(softcap),
-        *k_cache.stride()[:3], *v_cache.stride()[:3], hkv,
+        err, float(softcap), *k_cache.stride()[:3], *v_cache.stride()[:3], hkv, s_max,
         **decode_constexprs(q.dtype, group, dk, dv, splits, softcap != 0.0, interpreting(), kv_start is not None),
         num_warps=NUM_WARPS, num_stages=DECODE_STAGES,
     )
@@ -336,3 +351,35 @@ def gqa_decode_triton(
             BLOCK_S=triton.next_power_of_2(splits), BLOCK_DV=block_size(dv), num_warps=NUM_WARPS,
         )
     return out
+
+
+def _check(q, k_cache, v_cache, seq_lens, kv_start, cos, sin, q_proj, softcap, rope_style, rotary_dim, err) -> None:
+    """What the kernels rely on: shapes, dtypes, strides and devices (see _checks.py)."""
+    op = "gqa_decode_triton"
+    chk.float_tensor(op, "q", q, 3)
+    chk.require(q.is_contiguous(), op, "q must be contiguous")
+    b, hq, d = q.shape
+    dev = q.device
+    for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
+        chk.float_tensor(op, name, c, 4, q.dtype)
+        chk.unit_last_stride(op, name, c)
+    chk.on_device(op, dev, k_cache=k_cache, v_cache=v_cache, q_proj=q_proj)
+    hkv, s_max, dk = k_cache.shape[1:]
+    dv = v_cache.shape[-1]
+    chk.require(k_cache.shape[0] == b and v_cache.shape[:3] == k_cache.shape[:3], op,
+                lambda: f"k_cache and v_cache must be [B={b}, Hkv, S_max, *] alike, got {tuple(k_cache.shape)} and "
+                f"{tuple(v_cache.shape)}")
+    chk.require(hkv > 0 and hq % hkv == 0, op, lambda: f"Hq={hq} must be a multiple of Hkv={hkv}")
+    chk.require(min(d, dk, dv) > 0, op, lambda: f"head dims must be >= 1, got D={d}, Dk={dk}, Dv={dv}")
+    chk.index_vector(op, "seq_lens", seq_lens, b, dev)
+    if kv_start is not None:
+        chk.index_vector(op, "kv_start", kv_start, b, dev)
+    if q_proj is None:
+        chk.require(dk == d, op, lambda: f"without q_proj, k_cache's Dk={dk} must equal q's D={d}")
+    else:
+        chk.require(chk.dense(q_proj, torch.float32, (hq, d, dk)), op,
+                    lambda: f"q_proj must be a contiguous float32 [Hq, D, Dk] = [{hq}, {d}, {dk}] tensor")
+    chk.require(math.isfinite(softcap) and softcap >= 0, op, lambda: f"softcap must be finite and >= 0 (0 = off), got "
+                f"{softcap}")
+    chk.rope_tables(op, cos, sin, b, d, rope_style, rotary_dim, dev)
+    chk.error_word(op, err, dev)

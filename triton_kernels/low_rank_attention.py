@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _checks as chk
 from .gqa_decode import block_size, interpreting
 
 NUM_WARPS = 4
@@ -161,6 +162,11 @@ def kernel_constexprs(dtype: torch.dtype, heads: int, dh: int, interpret: bool) 
 
 
 def _launch_args(qkv: torch.Tensor, heads: int):
+    op = "low_rank_attention_triton"
+    chk.float_tensor(op, "qkv", qkv, 4)
+    chk.unit_last_stride(op, "qkv", qkv)
+    chk.require(heads > 0 and qkv.shape[3] % (3 * heads) == 0, op,
+                lambda: f"qkv's last dim must be 3 * heads * head_dim with heads={heads} >= 1, got {qkv.shape[3]}")
     kk, b, n, three_r = qkv.shape
     consts = kernel_constexprs(qkv.dtype, heads, three_r // (3 * heads), interpreting())
     return kk, b, n, three_r // 3, consts
@@ -181,6 +187,11 @@ def low_rank_attention_fwd_triton(qkv: torch.Tensor, heads: int, scale: float) -
 def low_rank_attention_bwd_triton(qkv, out, lse, dout, heads: int, scale: float) -> torch.Tensor:
     """dqkv [K, B, N, 3r] (contiguous) from the saved forward; out and dout contiguous [K, B, N, r]."""
     kk, b, n, r, consts = _launch_args(qkv, heads)
+    op = "low_rank_attention_bwd_triton"
+    chk.require(all(chk.dense(t, qkv.dtype, (kk, b, n, r)) and t.device == qkv.device for t in (out, dout)), op,
+                lambda: f"out and dout must be contiguous [K, B, N, r] = [{kk}, {b}, {n}, {r}] tensors of qkv's dtype")
+    chk.require(chk.dense(lse, torch.float32, (kk, b, heads, n)) and lse.device == qkv.device, op,
+                lambda: f"lse must be a contiguous float32 [K, B, H, N] = [{kk}, {b}, {heads}, {n}] tensor")
     dqkv = torch.empty((kk, b, n, 3 * r), dtype=qkv.dtype, device=qkv.device)
     if not dqkv.numel():
         return dqkv

@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _checks as chk
 from .gqa_decode import block_size, interpreting
 from .low_rank_attention import _dot
 
@@ -35,9 +36,15 @@ def _normal_cdf(t):
 
 
 @triton.jit
+def _relu(t):
+    """ReLU as torch's: NaN stays NaN (tl.maximum's default drops it on the GPU and would hide a diverged row)."""
+    return tl.where(t < 0, 0.0, t)
+
+
+@triton.jit
 def _act(t, ACT: tl.constexpr):
     if ACT == 1:
-        return tl.maximum(t, 0.0)
+        return _relu(t)
     if ACT == 2:
         return t * _normal_cdf(t)
     return t
@@ -46,7 +53,7 @@ def _act(t, ACT: tl.constexpr):
 @triton.jit
 def _act_grad(t, ACT: tl.constexpr):
     if ACT == 1:
-        return tl.where(t > 0, 1.0, 0.0)
+        return tl.where(t <= 0, 0.0, 1.0)  # NaN passes the gradient, as torch's threshold_backward
     if ACT == 2:
         return _normal_cdf(t) + t * tl.exp(-0.5 * t * t) * 0.3989422804014327
     return tl.full(t.shape, 1.0, tl.float32)
@@ -55,7 +62,8 @@ def _act_grad(t, ACT: tl.constexpr):
 @triton.jit
 def _hidden(x_ptr, u_ptr, b1_ptr, rows, offs_r, n_rows, d_in, rank, HAS_B1: tl.constexpr, BLOCK_M: tl.constexpr,
             BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, DOT_F32: tl.constexpr):
-    """t = x U^T + b1 for the block's rows: fp32 [BLOCK_M, BLOCK_R] (columns >= rank are 0)."""
+    """t = x U^T + b1 for the block's rows: fp32 [BLOCK_M, BLOCK_R] (columns >= rank are 0: set outright, since x . 0
+    is NaN for an infinite x, and NaN * 0 would reach every output through the padded columns)."""
     t = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
     for k0 in range(0, d_in, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
@@ -66,7 +74,7 @@ def _hidden(x_ptr, u_ptr, b1_ptr, rows, offs_r, n_rows, d_in, rank, HAS_B1: tl.c
         t += _dot(x, ut, DOT_F32)
     if HAS_B1:
         t += tl.load(b1_ptr + offs_r, mask=offs_r < rank, other=0.0).to(tl.float32)[None, :]
-    return t
+    return tl.where((offs_r < rank)[None, :], t, 0.0)
 
 
 @triton.jit
@@ -85,7 +93,7 @@ def _lrl_fwd_kernel(x_ptr, u_ptr, b1_ptr, v_ptr, b2_ptr, y_ptr, n_rows, d_in, ra
         if HAS_B2:
             y += tl.load(b2_ptr + ns, mask=ns < d_out, other=0.0).to(tl.float32)[None, :]
         if RELU_OUT:
-            y = tl.maximum(y, 0.0)
+            y = _relu(y)
         tl.store(y_ptr + rows[:, None].to(tl.int64) * d_out + ns[None, :], y.to(y_ptr.dtype.element_ty),
                  mask=(rows < n_rows)[:, None] & (ns < d_out)[None, :])
 
@@ -106,7 +114,7 @@ def _lrl_bwd_kernel(x_ptr, u_ptr, b1_ptr, v_ptr, g_ptr, dx_ptr, a_ptr, dt_ptr, n
         v = tl.load(v_ptr + ns[:, None] * rank + offs_r[None, :], mask=(ns < d_out)[:, None] & (offs_r < rank)[None, :],
                     other=0.0)
         da += _dot(g, v, DOT_F32)
-    dt = (da * _act_grad(t, ACT)).to(dx_ptr.dtype.element_ty)
+    dt = tl.where((offs_r < rank)[None, :], da * _act_grad(t, ACT), 0.0).to(dx_ptr.dtype.element_ty)  # as t
     hid = rows[:, None].to(tl.int64) * rank + offs_r[None, :]
     hid_mask = row_ok[:, None] & (offs_r < rank)[None, :]
     tl.store(a_ptr + hid, _act(t, ACT).to(a_ptr.dtype.element_ty), mask=hid_mask)
@@ -141,6 +149,9 @@ def _dummy(x: torch.Tensor, t: torch.Tensor | None) -> torch.Tensor:
 
 def low_rank_linear_fwd_triton(x, u, b1, v, b2, act: int, out_act: int) -> torch.Tensor:
     """y [M, d_out] from contiguous x [M, d_in], u [r, d_in], v [d_out, r] and optional biases; out_act 1 = relu."""
+    _check("low_rank_linear_fwd_triton", x, u, b1, v, b2, act)
+    chk.require(out_act in (0, 1), "low_rank_linear_fwd_triton",
+                lambda: f"out_act must be 0 (none) or 1 (relu), got {out_act}")
     m, d_in = x.shape
     rank, d_out = u.shape[0], v.shape[0]
     u, v = u.contiguous(), v.contiguous()
@@ -155,6 +166,10 @@ def low_rank_linear_fwd_triton(x, u, b1, v, b2, act: int, out_act: int) -> torch
 
 def low_rank_linear_bwd_triton(x, u, b1, v, g, act: int):
     """(dx, act(t), dt) of the fused backward; the op forms the weight gradients from the last two."""
+    op = "low_rank_linear_bwd_triton"
+    _check(op, x, u, b1, v, None, act)
+    chk.require(chk.dense(g, x.dtype, (x.shape[0], v.shape[0])) and g.device == x.device, op,
+                lambda: f"g must be a contiguous [M, d_out] = [{x.shape[0]}, {v.shape[0]}] tensor like x")
     m, d_in = x.shape
     rank = u.shape[0]
     u, v = u.contiguous(), v.contiguous()
@@ -166,3 +181,19 @@ def low_rank_linear_bwd_triton(x, u, b1, v, g, act: int):
         _lrl_bwd_kernel[(triton.cdiv(m, c["BLOCK_M"]),)](
             x, u, _dummy(u, b1), v, g, dx, hidden, dt, m, d_in, rank, v.shape[0], **c, num_warps=NUM_WARPS)
     return dx, hidden, dt
+
+
+def _check(op: str, x, u, b1, v, b2, act: int) -> None:
+    """What the kernels rely on: x contiguous [M, d_in], u [r, d_in], v [d_out, r], biases [r] / [d_out], one dtype."""
+    chk.float_tensor(op, "x", x, 2)
+    chk.require(x.is_contiguous(), op, "x must be contiguous")
+    chk.require(u.dim() == 2 and u.dtype == x.dtype and u.shape[1] == x.shape[1], op,
+                lambda: f"u must be [r, d_in={x.shape[1]}] in x's dtype {x.dtype}, got {u.dtype} {tuple(u.shape)}")
+    chk.require(v.dim() == 2 and v.dtype == x.dtype and v.shape[1] == u.shape[0], op,
+                lambda: f"v must be [d_out, r={u.shape[0]}] in x's dtype {x.dtype}, got {v.dtype} {tuple(v.shape)}")
+    chk.require(min(u.shape[0], x.shape[1], v.shape[0]) > 0, op, "r, d_in and d_out must be >= 1")
+    for name, b, n in (("b1", b1, u.shape[0]), ("b2", b2, v.shape[0])):
+        if not (b is None or chk.dense(b, x.dtype, (n,))):
+            raise ValueError(f"{op}: {name} must be a contiguous [{n}] tensor of x's dtype {x.dtype}")
+    chk.require(act in (0, 1, 2), op, lambda: f"act must be 0 (none), 1 (relu) or 2 (gelu), got {act}")
+    chk.on_device(op, x.device, u=u, v=v, b1=b1, b2=b2)

@@ -1,6 +1,11 @@
 """Triton kernels of ``effkern.ops.residual_layer_norm``: ``h = u + z``, ``x = LayerNorm(h)`` (no affine) and its
 one-pass backward. A block of ``BLOCK_ROWS`` rows per program, a whole row (``BLOCK_D`` = next power of two >= d)
 in registers; statistics in fp32 (two-pass variance). Row r of u reads row ``r % z_rows`` of z.
+
+The statistics are those of ``h - K`` with ``K = h[row, 0]``: the shift leaves the variance unchanged but takes the
+row's mean out of the sums, so a constant row gives exactly 0 (as ``F.layer_norm``) and a row of mean 1e4 does not
+lose the mantissa bits its values differ in (a plain ``sum(h) / d`` rounds the mean, and ``h - mean`` then
+leaves that rounding error in every element).
 """
 
 from __future__ import annotations
@@ -8,6 +13,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from . import _checks as chk
 
 NUM_WARPS = 4
 
@@ -32,8 +39,9 @@ def _rln_fwd_kernel(u_ptr, z_ptr, h_ptr, x_ptr, rstd_ptr, n_rows, z_rows, d, eps
     z_offs = (rows % z_rows)[:, None].to(tl.int64) * d + tl.arange(0, BLOCK_D)[None, :]
     h = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32) + tl.load(z_ptr + z_offs, mask=mask,
                                                                                other=0.0).to(tl.float32)
-    mean = tl.sum(h, axis=1) / d
-    centred = tl.where(mask, h - mean[:, None], 0.0)
+    first = tl.sum(tl.where(tl.arange(0, BLOCK_D)[None, :] == 0, h, 0.0), axis=1)  # K = h[row, 0]
+    shifted = tl.where(mask, h - first[:, None], 0.0)
+    centred = tl.where(mask, shifted - (tl.sum(shifted, axis=1) / d)[:, None], 0.0)
     rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=1) / d + eps)
     tl.store(h_ptr + offs, h.to(h_ptr.dtype.element_ty), mask=mask)
     tl.store(x_ptr + offs, (centred * rstd[:, None]).to(x_ptr.dtype.element_ty), mask=mask)
@@ -62,6 +70,13 @@ def _grid(n_rows: int, d: int) -> tuple[tuple[int], dict]:
 
 def residual_layer_norm_fwd_triton(u: torch.Tensor, z: torch.Tensor, eps: float):
     """u contiguous [..., d], z contiguous (u's trailing dims) -> (h, x, rstd fp32 [...])."""
+    op = "residual_layer_norm_fwd_triton"
+    chk.require(u.dim() >= 1 and u.dtype in chk.FLOAT_DTYPES and u.is_contiguous() and u.shape[-1] > 0, op,
+                lambda: f"u must be a contiguous float32 / float16 / bfloat16 [..., d >= 1] tensor, got {u.dtype} "
+                f"{tuple(u.shape)}")
+    chk.require(1 <= z.dim() <= u.dim() and z.shape == u.shape[u.dim() - z.dim():] and z.is_contiguous() and
+                z.dtype == u.dtype and z.device == u.device, op,
+                lambda: f"z must be a contiguous tensor of u's dtype and trailing dims, got {z.dtype} {tuple(z.shape)}")
     d = u.shape[-1]
     n_rows, z_rows = u.numel() // d, z.numel() // d
     h, x = torch.empty_like(u), torch.empty_like(u)
@@ -74,6 +89,15 @@ def residual_layer_norm_fwd_triton(u: torch.Tensor, z: torch.Tensor, eps: float)
 
 def residual_layer_norm_bwd_triton(x: torch.Tensor, rstd: torch.Tensor, dh: torch.Tensor, dx: torch.Tensor):
     """du from contiguous x, rstd, dh, dx."""
+    op = "residual_layer_norm_bwd_triton"
+    chk.require(x.dim() >= 1 and x.dtype in chk.FLOAT_DTYPES and x.is_contiguous() and x.shape[-1] > 0, op,
+                lambda: f"x must be a contiguous float32 / float16 / bfloat16 [..., d >= 1] tensor, got {x.dtype} "
+                f"{tuple(x.shape)}")
+    chk.require(chk.dense(rstd, torch.float32, x.shape[:-1]), op, lambda: f"rstd must be a contiguous float32 "
+                f"{tuple(x.shape[:-1])} tensor")
+    chk.require(chk.dense(dh, x.dtype, x.shape) and chk.dense(dx, x.dtype, x.shape), op,
+                "dh and dx must be contiguous tensors of x's shape and dtype")
+    chk.on_device(op, x.device, rstd=rstd, dh=dh, dx=dx)
     d = x.shape[-1]
     n_rows = x.numel() // d
     du = torch.empty_like(x)

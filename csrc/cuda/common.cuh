@@ -1,5 +1,5 @@
-// Helpers shared by the CUDA kernel families: launcher argument checks, explicit element conversions (the torch build defines
-// __CUDA_NO_HALF_CONVERSIONS__) and RoPE of one element. Torch-free.
+// Helpers shared by the CUDA kernel families: launcher argument checks, index-error recording, explicit element
+// conversions (the torch build defines __CUDA_NO_HALF_CONVERSIONS__) and RoPE of one element. Torch-free.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -30,6 +30,18 @@ inline size_t dtype_bytes(cudaDataType_t t) {
   }
 }
 constexpr const char* kDtypeError = "dtype must be CUDA_R_32F, CUDA_R_16F or CUDA_R_16BF";
+
+// Index errors the kernels find in their device-side index arguments (the bits of effkern/ops/_device_errors.py,
+// which turns them into messages). A kernel never dereferences a bad index: it clamps a length, skips a slot or
+// reads nothing for an id, and records the code in the caller's int32 error word.
+enum IndexError : int { kErrSeqLens = 1, kErrKvStart = 2, kErrSlots = 4, kErrIds = 8 };
+
+// Records `code` in the error word (null: not recorded). A plain volatile store, not an atomic: the word is
+// usually pinned host memory, where atomics are not portable (they need PCIe atomics). Kernels racing with
+// different codes leave one of them, which still raises.
+__device__ __forceinline__ void record_error(int* err, int code) {
+  if (err != nullptr) *static_cast<volatile int*>(err) = code;
+}
 
 __device__ __forceinline__ float to_float(float x) { return x; }
 __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }

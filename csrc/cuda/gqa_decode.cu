@@ -72,6 +72,16 @@ __device__ __forceinline__ KeyRange key_range(const int32_t* seq_lens, const int
   return {start, end - start};
 }
 
+// Records which of sequence b's bounds key_range had to clamp (seq_lens outside [0, S_max], kv_start outside
+// [0, seq_lens]).
+__device__ __forceinline__ void record_range_errors(const int32_t* seq_lens, const int32_t* kv_start, int64_t b,
+                                                    int s_max, int* err) {
+  const int end = seq_lens[b];
+  int code = end < 0 || end > s_max ? kErrSeqLens : 0;
+  if (kv_start != nullptr && (kv_start[b] < 0 || kv_start[b] > end)) code |= kErrKvStart;
+  if (code != 0) record_error(err, code);
+}
+
 struct SplitParams {
   const void* q;
   const void* k;
@@ -82,6 +92,7 @@ struct SplitParams {
   const float* sin;
   const float* q_ws;  // [B, Hq, Dk] projected, scaled queries, or null (then RoPE(q) * q_mul here)
   void* out;
+  int* err;         // error word, or null
   float* part_o;    // [B, Hq, splits, Dv]
   float* part_lse;  // [B, Hq, splits]
   int64_t ksb, ksh, kss, vsb, vsh, vss;
@@ -132,6 +143,8 @@ __global__ void __launch_bounds__(kThreads) gqa_decode_split_kernel(const SplitP
   const int b = static_cast<int>(idx / p.Hkv);
 
   const KeyRange keys = key_range(p.seq_lens, p.kv_start, b, p.S_max);
+  if (threadIdx.x == 0 && kvh == 0 && chunk == 0 && split == 0)  // one report per sequence
+    record_range_errors(p.seq_lens, p.kv_start, b, p.S_max, p.err);
   const int len = keys.count;
   const int n_b = splits_for_len(len, p.splits, p.min_keys);
   const int g0 = chunk * p.heads_per_chunk;
@@ -326,14 +339,14 @@ __global__ void __launch_bounds__(kThreads) gqa_decode_split_kernel(const SplitP
       sum += l_s[r * GMAX + g];
       a += acc_s[(r * GMAX + g) * tile + e];
     }
-    const float o = sum > 0.f ? a / sum : 0.f;
+    const float o = sum == 0.f ? 0.f : a / sum;  // a NaN sum (NaN logits) stays NaN
     const int64_t row = row0 + g;
     if (n_b == 1) {
       static_cast<T*>(p.out)[row * p.Dv + e] = from_float<T>(o);
     } else {
       const int64_t part = row * p.splits + split;
       p.part_o[part * p.Dv + e] = o;
-      if (e == 0) p.part_lse[part] = sum > 0.f ? mx + log2f(sum) : -INFINITY;
+      if (e == 0) p.part_lse[part] = sum == 0.f ? -INFINITY : mx + log2f(sum);
     }
   }
 }
@@ -366,16 +379,17 @@ __global__ void __launch_bounds__(kThreads) gqa_decode_combine_kernel(const Comb
   for (int s = lane; s < n_b; s += kWarpSize) mx = fmaxf(mx, lse[s]);
 #pragma unroll
   for (int o = kWarpSize / 2; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+  if (mx == -INFINITY) mx = 0.f;  // every split empty (or NaN, which fmaxf skips): exp2f(-inf) = 0, NaN stays NaN
   float wsum = 0.f;
   for (int s = lane; s < n_b; s += kWarpSize) {
-    const float w = mx == -INFINITY ? 0.f : exp2f(lse[s] - mx);  // an empty split has lse -inf: weight 0
+    const float w = exp2f(lse[s] - mx);  // an empty split has lse -inf: weight 0
     w_s[warp][s] = w;
     wsum += w;
   }
 #pragma unroll
   for (int o = kWarpSize / 2; o > 0; o >>= 1) wsum += __shfl_xor_sync(0xffffffffu, wsum, o);
   __syncwarp();
-  const float inv = wsum > 0.f ? 1.f / wsum : 0.f;
+  const float inv = wsum == 0.f ? 0.f : 1.f / wsum;
   const float* po = p.part_o + row * p.splits * p.Dv;
   for (int e = lane; e < p.Dv; e += kWarpSize) {
     float a = 0.f;
@@ -640,6 +654,7 @@ cudaError_t gqa_decode_launch(const GqaDecodeArgs& a, void* workspace, size_t wo
   sp.sin = a.sin;
   sp.q_ws = q_ws;
   sp.out = a.out;
+  sp.err = a.err;
   sp.part_o = part_o;
   sp.part_lse = part_lse;
   sp.ksb = a.k_stride_b;

@@ -6,7 +6,8 @@
 //   q'  = q' @ q_proj[h]                               (optional [D, Dk] fp32 projection)
 //   s_t = scale * q' . k_cache[b, h / G, t]            (kv_start[b] <= t < seq_lens[b]; softcap: cap * tanh(s / cap))
 //   out[b, h] = sum_t softmax(s)_t v_cache[b, h / G, t] (fp32 accumulation, written in the cache dtype)
-// An empty context (seq_lens[b] == 0) gives zeros.
+// An empty context (seq_lens[b] == 0) gives zeros; NaN / Inf in q, q_proj or a valid K / V row propagate as in
+// torch's softmax, and rows outside [kv_start, seq_lens) are never read.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -37,6 +38,7 @@ struct GqaDecodeArgs {
   const float* sin = nullptr;         // [B, R/2] contiguous, or null when rotary_dim == 0
   const float* q_proj = nullptr;      // [Hq, D, Dk] contiguous, or null (then Dk == D)
   void* out = nullptr;                // [B, Hq, Dv] contiguous
+  int* err = nullptr;  // int32 error word (common.cuh kErrSeqLens / kErrKvStart for a value outside), or null
 
   int64_t batch = 0, q_heads = 0, kv_heads = 0;  // B, Hq, Hkv
   int64_t head_dim = 0, k_dim = 0, v_dim = 0;     // D, Dk, Dv

@@ -28,6 +28,7 @@ struct Params {
   const float* cos;
   const float* sin;
   const float* k_proj;
+  int* err;
   int64_t ksb, ksh, kss, vsb, vsh, vss;
   int B, Hk, Hkv, G, D, Dk, Dv, S_max;
   int rows;  // sequences per projection CTA
@@ -41,7 +42,10 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads) kv_append_kernel(const Params p) {
   const int b = static_cast<int>(blockIdx.x / p.Hkv), j = static_cast<int>(blockIdx.x % p.Hkv);
   const int slot = p.slots[b];
-  if (!slot_ok(slot, p.S_max)) return;
+  if (!slot_ok(slot, p.S_max)) {
+    if (j == 0 && threadIdx.x == 0) record_error(p.err, kErrSlots);
+    return;
+  }
   const int half = p.rotary_dim / 2;
   const float* cs = p.rotary_dim ? p.cos + static_cast<int64_t>(b) * half : nullptr;
   const float* sn = p.rotary_dim ? p.sin + static_cast<int64_t>(b) * half : nullptr;
@@ -62,6 +66,8 @@ __global__ void __launch_bounds__(kThreads) kv_append_proj_kernel(const Params p
   const int nb = min(p.rows, p.B - b0);
   const int width = p.G * p.D;
   const int half = p.rotary_dim / 2;
+  const int t = static_cast<int>(threadIdx.x);
+  if (j == 0 && t < nb && !slot_ok(p.slots[b0 + t], p.S_max)) record_error(p.err, kErrSlots);  // one per sequence
   for (int i = threadIdx.x; i < nb * width; i += kThreads) {
     const int r = i / width, c = i % width;
     const int head = j * p.G + c / p.D, d = c % p.D;  // concat order: input head j*G + c/D, element d
@@ -160,6 +166,7 @@ cudaError_t kv_append_launch(const KvAppendArgs& a, cudaStream_t stream, const c
   p.cos = a.cos;
   p.sin = a.sin;
   p.k_proj = a.k_proj;
+  p.err = a.err;
   p.ksb = a.k_stride_b;
   p.ksh = a.k_stride_h;
   p.kss = a.k_stride_s;

@@ -26,6 +26,7 @@ struct KvAppendArgs {
   const float* cos = nullptr;         // [B, R/2] contiguous, or null when rotary_dim == 0
   const float* sin = nullptr;         // [B, R/2] contiguous, or null when rotary_dim == 0
   const float* k_proj = nullptr;      // [Hkv, g*D, Dk] contiguous, or null (then Hk == Hkv and Dk == D)
+  int* err = nullptr;                 // int32 error word (common.cuh kErrSlots for a slot outside), or null
 
   int64_t batch = 0, k_heads = 0, kv_heads = 0;  // B, Hk, Hkv
   int64_t head_dim = 0, k_dim = 0, v_dim = 0;     // D, Dk, Dv

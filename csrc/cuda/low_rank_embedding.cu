@@ -27,25 +27,36 @@ struct Params {
   void* out;
   const void* g;
   float* de;
-  int64_t pairs;
+  int* err;
+  int64_t pairs, V;
   int F, L, k, d;
   bool mean;
 };
 
-// This warp's (row, field) pair: its bag's component `lane` summed (lanes >= k hold 0), the bag size n.
+// This warp's (row, field) pair: its bag's component `lane` summed (lanes >= k hold 0), the bag size n. An id
+// outside the field's [0, V_f), or whose row falls outside the table (bad offsets), is skipped and recorded.
 template <typename T>
 __device__ __forceinline__ float bag_sum(const Params& p, int64_t pair, int lane, int& n) {
   const int f = static_cast<int>(pair % p.F);
   const int64_t* ids = p.ids + pair * p.L;
   const T* table = static_cast<const T*>(p.table);
+  const int64_t first = p.offsets[f];
+  const int64_t size = (f + 1 < p.F ? p.offsets[f + 1] : p.V) - first;
   float e = 0.f;
+  bool bad = false;
   n = 0;
   for (int j = 0; j < p.L; ++j) {
     const int64_t id = ids[j];
-    if (id < 0) continue;
-    if (lane < p.k) e += to_float(table[(p.offsets[f] + id) * p.k + lane]);
+    if (id == -1) continue;
+    const int64_t row = id >= 0 && id < size ? first + id : -1;
+    if (row < 0 || row >= p.V) {  // the row test also catches offsets that do not fit the table
+      bad = true;
+      continue;
+    }
+    if (lane < p.k) e += to_float(table[row * p.k + lane]);
     ++n;
   }
+  if (bad && lane == 0) record_error(p.err, kErrIds);
   return e;
 }
 
@@ -99,6 +110,7 @@ cudaError_t launch(const LowRankEmbeddingArgs& a, bool backward, cudaStream_t st
   if (a.B < 0 || a.F < 1 || a.L < 1 || a.k < 1 || a.d < 1 || a.F > kIntMax || a.L > kIntMax || a.d > kIntMax)
     return invalid_argument(why, "B must be >= 0 and F, L, k, d >= 1, all below 2^31");
   if (a.k > kLowRankEmbeddingMaxRank) return invalid_argument(why, "k exceeds kLowRankEmbeddingMaxRank");
+  if (a.V < 0) return invalid_argument(why, "V must be >= 0");
   if (a.ids == nullptr || a.u == nullptr || (backward ? a.g == nullptr || a.de == nullptr
                                                       : a.table == nullptr || a.offsets == nullptr ||
                                                             a.mu == nullptr || a.out == nullptr))
@@ -106,7 +118,7 @@ cudaError_t launch(const LowRankEmbeddingArgs& a, bool backward, cudaStream_t st
   const int64_t pairs = a.B * a.F;
   if (pairs == 0) return cudaSuccess;
   if ((pairs + kWarps - 1) / kWarps > kIntMax) return invalid_argument(why, "B * F too large for the grid");
-  const Params p{a.ids, a.table, a.offsets, a.u, a.mu, a.out, a.g, a.de, pairs, static_cast<int>(a.F),
+  const Params p{a.ids, a.table, a.offsets, a.u, a.mu, a.out, a.g, a.de, a.err, pairs, a.V, static_cast<int>(a.F),
                  static_cast<int>(a.L), static_cast<int>(a.k), static_cast<int>(a.d), a.mean};
   const dim3 grid(static_cast<unsigned>((pairs + kWarps - 1) / kWarps));
   auto run = [&](auto kernel) { kernel<<<grid, kWarps * 32, 0, stream>>>(p); };

@@ -38,14 +38,17 @@ struct Params {
   bool relu_out;
 };
 
+// ReLU as torch's: NaN stays NaN (fmaxf(NaN, 0) would return 0 and hide a diverged row).
+__device__ __forceinline__ float relu(float t) { return t < 0.f ? 0.f : t; }
+
 __device__ __forceinline__ float activation(float t, int act) {
-  if (act == 1) return fmaxf(t, 0.f);
+  if (act == 1) return relu(t);
   if (act == 2) return t * normcdff(t);
   return t;
 }
 
 __device__ __forceinline__ float activation_grad(float t, int act) {
-  if (act == 1) return t > 0.f ? 1.f : 0.f;
+  if (act == 1) return t <= 0.f ? 0.f : 1.f;  // NaN passes the gradient, as torch's threshold_backward
   if (act == 2) return normcdff(t) + t * expf(-0.5f * t * t) * 0.3989422804014327f;
   return 1.f;
 }
@@ -94,7 +97,7 @@ __device__ __forceinline__ float bias_at(const void* b, int c, int n) {
 // dst[row][c] = acc (+ bias[c], then relu when asked) for this thread's 4 x 4 tile at rows row0 + 4 ty..,
 // columns c0 + 4 tx.. of a [M, n] matrix, inside its bounds.
 template <typename T>
-__device__ __forceinline__ void store_tile(const float (&acc)[4][4], T* dst, const void* bias, bool relu,
+__device__ __forceinline__ void store_tile(const float (&acc)[4][4], T* dst, const void* bias, bool relu_out,
                                            int64_t row0, int c0, int M, int n) {
   const int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
 #pragma unroll
@@ -104,7 +107,7 @@ __device__ __forceinline__ void store_tile(const float (&acc)[4][4], T* dst, con
     for (int j = 0; j < 4; ++j) {
       const int c = c0 + 4 * tx + j;
       const float out = acc[i][j] + bias_at<T>(bias, c, n);
-      if (row < M && c < n) dst[row * n + c] = from_float<T>(relu ? fmaxf(out, 0.f) : out);
+      if (row < M && c < n) dst[row * n + c] = from_float<T>(relu_out ? relu(out) : out);
     }
   }
 }
@@ -163,7 +166,11 @@ __global__ void __launch_bounds__(kThreads, 2) lrl_fwd_kernel(Params p) {
 #pragma unroll
   for (int i = 0; i < 4; ++i)
 #pragma unroll
-    for (int j = 0; j < CT; ++j) s.hid[4 * ty + i][CT * tx + j] = activation(acc[i][j], p.act);  // act(0) = 0
+    for (int j = 0; j < CT; ++j) {
+      // Padded columns are 0 outright: t there is x . 0, NaN for an infinite x, and NaN * 0 would reach y.
+      const int c = CT * tx + j;
+      s.hid[4 * ty + i][c] = c < p.r ? activation(acc[i][j], p.act) : 0.f;
+    }
   __syncthreads();
   T* y = static_cast<T*>(p.y);
   for (int n0 = 0; n0 < p.d_out; n0 += kCols) {
@@ -211,7 +218,7 @@ __global__ void __launch_bounds__(kThreads, 2) lrl_bwd_kernel(Params p) {
 #pragma unroll
     for (int j = 0; j < CT; ++j) {
       const int c = CT * tx + j;
-      const float d = acc[i][j] * s.hid[4 * ty + i][c];
+      const float d = c < p.r ? acc[i][j] * s.hid[4 * ty + i][c] : 0.f;  // padded: 0, as in the forward
       s.hid[4 * ty + i][c] = d;
       if (row < p.M && c < p.r) dt[row * p.r + c] = from_float<T>(d);
     }
@@ -233,6 +240,7 @@ cudaError_t check(const LowRankLinearArgs& a, bool backward, const char** why) {
   if (a.M < 0 || a.d_in < 1 || a.r < 1 || a.d_out < 1 || a.M > kIntMax || a.d_in > kIntMax || a.d_out > kIntMax)
     return invalid_argument(why, "M must be >= 0 and d_in, r, d_out >= 1, all below 2^31");
   if (a.r > kLowRankLinearMaxRank) return invalid_argument(why, "r exceeds kLowRankLinearMaxRank");
+  if (a.act < 0 || a.act > 2) return invalid_argument(why, "act must be 0 (none), 1 (relu) or 2 (gelu)");
   if (a.x == nullptr || a.u == nullptr || a.v == nullptr) return invalid_argument(why, "x, u and v are required");
   if (backward ? (a.g == nullptr || a.dx == nullptr || a.hidden == nullptr || a.dt == nullptr) : a.y == nullptr)
     return invalid_argument(why, "missing output or gradient pointer");

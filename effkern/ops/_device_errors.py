@@ -26,7 +26,7 @@ MESSAGES = {
     SEQ_LENS: "effkern.gqa_decode: seq_lens must be within [0, S_max] (the cache length)",
     KV_START: "effkern.gqa_decode: kv_start must be within [0, seq_lens]",
     SLOTS: "effkern.kv_append: slots must be within [0, S_max)",
-    IDS: "effkern.low_rank_embedding: each id must be within its field's [0, V_f) or be -1 (padding)",
+    IDS: "effkern.low_rank_embedding: ids must be within their field's [0, V_f) or be -1 (padding)",
 }
 
 

@@ -41,7 +41,7 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DATA_PTRS = {"q_ptr", "k_ptr", "v_ptr", "out_ptr", "k_cache_ptr", "v_cache_ptr", "qkv_ptr", "dout_ptr",
              "dqkv_ptr", "u_ptr", "z_ptr", "h_ptr", "x_ptr", "dh_ptr", "dx_ptr", "du_ptr", "b1_ptr", "v_ptr",
              "b2_ptr", "y_ptr", "g_ptr", "a_ptr", "dt_ptr", "table_ptr", "mu_ptr"}  # in the model's dtype
-INT_PTRS = {"seq_lens_ptr", "kv_start_ptr", "slots_ptr"}
+INT_PTRS = {"seq_lens_ptr", "kv_start_ptr", "slots_ptr", "err_ptr"}  # err_ptr: the index-error word
 INT64_PTRS = {"ids_ptr", "off_ptr"}
 FLOATS = {"scale", "softcap", "eps"}
 

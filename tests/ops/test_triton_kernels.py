@@ -4,6 +4,7 @@ Shapes are small (the interpreter's cost grows with programs x loop iterations) 
 1..16, head dims that are not powers of two, ragged lengths including 0 and 1, strided caches, forced splits.
 bf16 tl.dot is broken in the interpreter, so there the decode kernel widens bf16 tiles to fp32: its bf16
 tensor-core path (like every GPU-only detail) is covered by test_triton_compile.py's compile check only.
+Out-of-range indices, NaN / Inf and cancelling rows: test_triton_hard_inputs.py.
 """
 
 import os
@@ -27,6 +28,11 @@ pytest.importorskip("triton")
 from effkern.triton_kernels import gqa_decode as gqa  # noqa: E402
 from effkern.triton_kernels import kv_append as kv  # noqa: E402
 from effkern.triton_kernels import low_rank_attention as lra  # noqa: E402
+
+
+def error_word() -> torch.Tensor:
+    """A fresh int32 [1] error word (the ops pass effkern.ops._device_errors.error_word's)."""
+    return torch.zeros(1, dtype=torch.int32)
 
 
 def make_cache(b: int, h: int, s: int, d: int, dtype: torch.dtype, layout: str) -> torch.Tensor:
@@ -63,8 +69,10 @@ def run_decode(lens, group, d, dtype=torch.float32, *, hkv=1, dk=None, dv=None, 
     q_proj = torch.randn(hq, d, dk) / d**0.5 if proj else None
     kv_start = None if starts is None else torch.tensor(starts, dtype=torch.int32)
     args = (q, k_cache, v_cache, seq_lens, kv_start, cos, sin, q_proj, scale or d**-0.5, softcap, style_id, r)
-    out = gqa.gqa_decode_triton(*args, num_splits=num_splits)
+    err = error_word()
+    out = gqa.gqa_decode_triton(*args, err, num_splits=num_splits)
     assert out.is_contiguous() and out.shape == (b, hq, dv) and out.dtype == dtype
+    assert err.item() == 0  # valid lengths record nothing
     assert_close(out, gqa_decode_reference(*args))
     return out
 
@@ -124,7 +132,7 @@ def test_decode_softcap_bounds_logits():
     k_cache = torch.randn(1, 1, 50, 64)
     v_cache = torch.randn(1, 1, 50, 64)
     seq_lens = torch.tensor([50], dtype=torch.int32)
-    out = gqa.gqa_decode_triton(q, k_cache, v_cache, seq_lens, None, None, None, None, 1.0, 1e-4, 0, 0)
+    out = gqa.gqa_decode_triton(q, k_cache, v_cache, seq_lens, None, None, None, None, 1.0, 1e-4, 0, 0, error_word())
     torch.testing.assert_close(out, v_cache.mean(dim=2).expand(1, 2, 64), atol=1e-3, rtol=0)
 
 
@@ -168,7 +176,9 @@ def run_append(slots, hkv, d, dtype=torch.float32, *, group=1, dk=None, dv=None,
     k_proj = torch.randn(hkv, group * d, dk) / (group * d) ** 0.5 if proj else None
     slots_t = torch.tensor(slots, dtype=torch.int32)
     k_ref, v_ref = k_cache.clone(), v_cache.clone()
-    kv.kv_append_triton(k_cache, v_cache, k, v, slots_t, cos, sin, k_proj, style_id, r)
+    err = error_word()
+    kv.kv_append_triton(k_cache, v_cache, k, v, slots_t, cos, sin, k_proj, style_id, r, err)
+    assert err.item() == 0
     kv_append_reference(k_ref, v_ref, k, v, slots_t, cos, sin, k_proj, style_id, r)
     assert_close(k_cache, k_ref)
     assert torch.equal(v_cache, v_ref)

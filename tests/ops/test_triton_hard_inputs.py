@@ -1,0 +1,266 @@
+"""Triton kernels on hard inputs, run by the Triton interpreter on CPU tensors (as test_triton_kernels.py).
+
+- Out-of-range indices through ``torch.ops.effkern.*`` (no Python entry checks): the kernels clamp or skip them,
+  never touch memory outside the tensors, and record the error the guarded op raises
+  (effkern/ops/_device_errors.py); the valid neighbours of each bound still match the reference.
+- NaN / Inf with torch's semantics: rows outside a decode range are never read, NaN in used inputs stays NaN,
+  ReLU keeps NaN. The interpreter's max / min drop NaN as the GPU's do (np.fmax), so NaN handling is tested here.
+- LayerNorm rows whose mean cancels: constant rows give exactly 0.
+"""
+
+import os
+import re
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first triton import
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from helpers import TOL, assert_close, assert_close_scaled, env  # noqa: E402
+
+from effkern.ops import _device_errors as dev_err  # noqa: E402
+from effkern.ops.kv_append import kv_append_reference  # noqa: E402
+from effkern.ops.low_rank_attention import core_reference as low_rank_attention_reference  # noqa: E402
+from effkern.ops.low_rank_embedding import reference as lre_reference  # noqa: E402
+from effkern.ops.low_rank_linear import reference as lrl_reference  # noqa: E402
+
+pytest.importorskip("triton")
+
+from effkern.triton_kernels import _checks as chk  # noqa: E402
+from effkern.triton_kernels import gqa_decode as gqa  # noqa: E402
+from effkern.triton_kernels import low_rank_attention as lra  # noqa: E402
+from effkern.triton_kernels import low_rank_embedding as lre  # noqa: E402
+from effkern.triton_kernels import low_rank_linear as lrl  # noqa: E402
+from effkern.triton_kernels import residual_layer_norm as rln  # noqa: E402
+
+
+def error_word() -> torch.Tensor:
+    """A fresh int32 [1] error word (the ops pass effkern.ops._device_errors.error_word's)."""
+    return torch.zeros(1, dtype=torch.int32)
+
+
+def test_error_bits_match_the_device_error_contract():
+    assert (chk.ERR_SEQ_LENS, chk.ERR_KV_START, chk.ERR_SLOTS, chk.ERR_IDS) == (
+        dev_err.SEQ_LENS, dev_err.KV_START, dev_err.SLOTS, dev_err.IDS)
+
+
+nan_inputs = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, inside kernels
+
+
+def raises_index_error(code: int):
+    """The error the guarded op raises after its kernel recorded ``code`` (the interpreter runs synchronously)."""
+    return pytest.raises(ValueError, match=re.escape(dev_err.MESSAGES[code]))
+
+
+def decode_case(lens, starts=None, s_max=8):
+    torch.manual_seed(0)
+    b = len(lens)
+    q, k_cache, v_cache = torch.randn(b, 4, 16), torch.randn(b, 2, s_max, 16), torch.randn(b, 2, s_max, 16)
+    starts = None if starts is None else torch.tensor(starts, dtype=torch.int32)
+    return q, k_cache, v_cache, torch.tensor(lens, dtype=torch.int32), starts, None, None, None, 0.25, 0.0, 0, 0
+
+
+@pytest.mark.parametrize("lens, starts, code", [
+    ([10**8, 3], None, dev_err.SEQ_LENS), ([9, 3], None, dev_err.SEQ_LENS), ([-1, 3], None, dev_err.SEQ_LENS),
+    ([5, 3], [6, 0], dev_err.KV_START), ([5, 3], [0, -1], dev_err.KV_START)])
+def test_registered_gqa_decode_rejects_lengths_outside_the_cache(lens, starts, code):
+    with env(EFFKERN_BACKEND="triton"), raises_index_error(code):
+        torch.ops.effkern.gqa_decode(*decode_case(lens, starts))
+
+
+def test_registered_gqa_decode_full_cache_is_valid():
+    args = decode_case([8, 0], [3, 0])  # seq_lens == S_max, kv_start == seq_lens (empty)
+    with env(EFFKERN_BACKEND="triton"):
+        assert_close(torch.ops.effkern.gqa_decode(*args), decode_expected(*args[:5], args[8]))
+
+
+def append_case(slots, s_max=8):
+    torch.manual_seed(0)
+    caches = torch.randn(2, 2, 2, s_max, 16).unbind(0)
+    return (*caches, torch.randn(2, 2, 16), torch.randn(2, 2, 16), torch.tensor(slots, dtype=torch.int32), None,
+            None, None, 0, 0)
+
+
+@pytest.mark.parametrize("slots", [[10**8, 1], [8, 1], [-1, 1]])
+def test_registered_kv_append_skips_slots_outside_the_cache(slots):
+    args = append_case(slots)
+    original = [c.clone() for c in args[:2]]
+    expected = [c.clone() for c in args[:2]]
+    kv_append_reference(*expected, *args[2:4], args[4].clamp(0, 7), *args[5:])
+    with env(EFFKERN_BACKEND="triton"), raises_index_error(dev_err.SLOTS):
+        torch.ops.effkern.kv_append(*args)
+    for got, old, want in zip(args[:2], original, expected, strict=True):  # sequence 0 untouched, 1 written
+        assert torch.equal(got[0], old[0]) and torch.equal(got[1], want[1])
+
+
+def test_registered_kv_append_last_slot_is_valid():
+    args = append_case([7, 0])
+    expected = [c.clone() for c in args[:2]]
+    kv_append_reference(*expected, *args[2:])
+    with env(EFFKERN_BACKEND="triton"):
+        torch.ops.effkern.kv_append(*args)
+    assert torch.equal(args[0], expected[0]) and torch.equal(args[1], expected[1])
+
+
+def embedding_case(ids):
+    torch.manual_seed(0)  # LowRankEmbedding([4, 3, 5], 6, 3): offsets 0, 4, 7 into a table of 12 rows
+    return (torch.tensor(ids), torch.randn(12, 3), torch.tensor([0, 4, 7]), torch.randn(3, 6, 3), torch.randn(3, 6),
+            False)
+
+
+@pytest.mark.parametrize("ids", [[[[10**9], [0], [0]]], [[[4], [0], [0]]], [[[0], [3], [0]]], [[[0], [0], [5]]],
+                                 [[[-2], [0], [0]]]])
+def test_registered_low_rank_embedding_rejects_ids_outside_their_field(ids):
+    with env(EFFKERN_BACKEND="triton"), raises_index_error(dev_err.IDS):
+        torch.ops.effkern.low_rank_embedding(*embedding_case(ids))
+
+
+def test_registered_low_rank_embedding_last_ids_are_valid():
+    args = embedding_case([[[3, -1], [2, 0], [4, -1]]])  # V_f - 1 in every field, padding
+    with env(EFFKERN_BACKEND="triton"):
+        assert_close(torch.ops.effkern.low_rank_embedding(*args), lre_reference(*args))
+
+
+def _bad_shapes():
+    """(registered op, arguments that are wrong in one shape or dtype), the cases issue 17 ran into."""
+    q, k, v, lens = decode_case([3, 3])[:4]
+    table_case = embedding_case([[[0], [0], [0]]])
+    x, u, v = torch.randn(3, 8), torch.randn(4, 8), torch.randn(6, 4)
+    return {
+        "cos/sin": ("gqa_decode", (q, k, v, lens, None, torch.randn(2, 3), torch.randn(2, 3), None, 0.3, 0.0, 0, 8)),
+        "q_proj": ("gqa_decode", (q, k, v, lens, None, None, None, torch.randn(4, 16, 8), 0.3, 0.0, 0, 0)),
+        "int64 seq_lens": ("gqa_decode", (q, k, v, lens.long(), None, None, None, None, 0.3, 0.0, 0, 0)),
+        "k_proj": ("kv_append", (k, v, torch.randn(2, 2, 16), torch.randn(2, 2, 16), lens, None, None,
+                                 torch.randn(2, 16, 8), 0, 0)),
+        "b1": ("low_rank_linear", (x, u, torch.randn(5), v, None, 1, 0)),
+        "b2": ("low_rank_linear", (x, u, None, v, torch.randn(7), 1, 1)),
+        "int32 offsets": ("low_rank_embedding", (*table_case[:2], table_case[2].int(), *table_case[3:])),
+        "u": ("low_rank_embedding", (*table_case[:3], torch.randn(3, 6, 2), *table_case[4:])),
+        "z": ("residual_layer_norm", (torch.randn(3, 8), torch.randn(7), 1e-5)),
+    }
+
+
+@pytest.mark.parametrize("case", list(_bad_shapes()))
+def test_registered_ops_check_what_the_kernels_rely_on(case):
+    op, args = _bad_shapes()[case]
+    with env(EFFKERN_BACKEND="triton"), pytest.raises(ValueError, match=r"_triton: .* must "):
+        getattr(torch.ops.effkern, op)(*args)
+
+
+def decode_expected(q, k_cache, v_cache, seq_lens, kv_start, scale, q_proj=None):
+    """torch's answer in fp64, sequence by sequence: a softmax over the valid rows only (no other row is even
+    read), zeros for an empty range."""
+    g = q.shape[1] // k_cache.shape[1]
+    out = torch.zeros(*q.shape[:2], v_cache.shape[-1], dtype=torch.float64)
+    for i, hi in enumerate(seq_lens.tolist()):
+        lo = 0 if kv_start is None else int(kv_start[i])
+        if hi > lo:
+            qi = q[i].double() if q_proj is None else torch.einsum("hd,hde->he", q[i].double(), q_proj.double())
+            k, v = (c[i, :, lo:hi].double().repeat_interleave(g, 0) for c in (k_cache, v_cache))
+            out[i] = torch.einsum("hs,hsd->hd", torch.softmax(torch.einsum("hd,hsd->hs", qi, k) * scale, -1), v)
+    return out.to(q.dtype)
+
+
+@nan_inputs
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_decode_never_reads_rows_outside_the_range(num_splits):
+    q, k_cache, v_cache, lens, starts = decode_case([40, 17, 0], [5, 17, 0], s_max=48)[:5]
+    for c in (k_cache, v_cache):  # NaN / Inf in every row outside [kv_start, seq_lens)
+        for i, (lo, hi) in enumerate(zip(starts.tolist(), lens.tolist(), strict=True)):
+            c[i, :, :lo] = float("nan")
+            c[i, :, hi:] = float("inf")
+    out = gqa.gqa_decode_triton(q, k_cache, v_cache, lens, starts, None, None, None, 0.25, 0.0, 0, 0, error_word(),
+                                num_splits=num_splits)
+    assert out.isfinite().all()
+    assert_close(out, decode_expected(q, k_cache, v_cache, lens, starts, 0.25))
+
+
+@nan_inputs
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("where", ["q", "q_proj", "k", "v"])
+def test_decode_nan_in_used_inputs_gives_nan(where, num_splits):
+    q, k_cache, v_cache, lens, _ = decode_case([40, 17, 0], s_max=48)[:5]
+    q_proj = torch.randn(4, 16, 16) / 4
+    nan = float("nan")
+    if where == "q":
+        q[0, 1, 3] = q[2, 0, 0] = nan  # sequence 2 is empty: still zeros
+    elif where == "q_proj":
+        q_proj[2, 5, 7] = nan
+    elif where == "k":
+        k_cache[1, 0, 16, 2] = nan  # the last valid row of sequence 1
+    else:
+        v_cache[0, 1, 20, 4] = nan
+    out = gqa.gqa_decode_triton(q, k_cache, v_cache, lens, None, None, None, q_proj, 0.25, 0.0, 0, 0, error_word(),
+                                num_splits=num_splits)
+    expected = decode_expected(q, k_cache, v_cache, lens, None, 0.25, q_proj)
+    assert expected.isnan().any()
+    torch.testing.assert_close(out, expected, equal_nan=True, **TOL[torch.float32])
+
+
+@nan_inputs
+@pytest.mark.parametrize("act, out_act", [(1, 0), (1, 1), (2, 1), (0, 1)])
+def test_low_rank_linear_nan_and_inf_rows_as_torch(act, out_act):
+    """relu(NaN) = NaN in the hidden layer and the fused output ReLU, and relu's backward passes NaN rows' gradient
+    as torch's; an infinite input stays infinite, not NaN (rank 20 pads the hidden tile to 32 columns, which must
+    not turn inf * 0 into NaN). GELU gets no infinite row: torch's CPU gelu(inf) is NaN, its CUDA one inf."""
+    torch.manual_seed(0)
+    x, u, b1, v, b2 = torch.randn(6, 24), torch.randn(20, 24).abs(), torch.randn(20), torch.randn(40, 20).abs(), None
+    x[1, 5] = float("nan")
+    if act != 2:
+        x[2] = 0.0
+        x[2, 0] = float("inf")
+    y = lrl.low_rank_linear_fwd_triton(x, u, b1, v, b2, act, out_act)
+    expected = lrl_reference(x, u, b1, v, b2, act, out_act)
+    assert expected[1].isnan().all() and (act == 2 or expected[2].isposinf().all())
+    torch.testing.assert_close(y, expected, equal_nan=True, **TOL[torch.float32])
+    g = torch.randn(6, 40)
+    dx, hidden, dt = lrl.low_rank_linear_bwd_triton(x, u, b1, v, g, act)
+    xr = x.clone().requires_grad_()
+    t = F.linear(xr, u, b1)
+    a = {0: t, 1: F.relu(t), 2: F.gelu(t)}[act]
+    (F.linear(a, v) * g).sum().backward()
+    torch.testing.assert_close(hidden, a.detach(), equal_nan=True, **TOL[torch.float32])
+    torch.testing.assert_close(dx, xr.grad, equal_nan=True, **TOL[torch.float32])
+
+
+@nan_inputs
+def test_low_rank_attention_and_embedding_propagate_nan():
+    torch.manual_seed(0)
+    qkv = torch.randn(2, 20, 1, 3 * 16).permute(2, 0, 1, 3)  # [K=1, B=2, N=20, 3r], heads 2 of 8 dims
+    qkv[0, 0, 7, 16 + 3] = float("nan")  # one key of image 0, head 0
+    out, lse = lra.low_rank_attention_fwd_triton(qkv, 2, 0.3)
+    ref_out, ref_lse = low_rank_attention_reference(qkv, 2, 0.3)
+    assert ref_out[0, 0, :, :8].isnan().all() and ref_out[0, 1].isfinite().all()
+    torch.testing.assert_close(out, ref_out, equal_nan=True, **TOL[torch.float32])
+    torch.testing.assert_close(lse, ref_lse, equal_nan=True, **TOL[torch.float32])
+    args = embedding_case([[[3, -1], [2, 0], [4, -1]], [[0, 1], [1, -1], [0, 0]]])
+    args[1][4 + 2, 1] = float("nan")  # field 1's id 2: bag (0, 1)
+    out = lre.low_rank_embedding_fwd_triton(*args, error_word())
+    assert out[0, 1].isnan().all() and out.isnan().sum() == out.shape[-1]
+    torch.testing.assert_close(out, lre_reference(*args), equal_nan=True, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("d", [7, 1000, 4096])
+@pytest.mark.parametrize("c", [1000.1, 9999.3, -1e4])
+def test_residual_layer_norm_constant_rows_are_exactly_zero(d, c):
+    u, z = torch.full((1, d), c), torch.zeros(d)
+    h, x, rstd = rln.residual_layer_norm_fwd_triton(u, z, 1e-5)
+    assert torch.equal(x, torch.zeros_like(x))
+    # F.layer_norm's gradient in fp64: its fp32 CPU backward cancels on such rows (off by up to 4% at c = 9999.3)
+    dh, dx = torch.randn(1, d), torch.randn(1, d)
+    ur = u.double().requires_grad_()
+    hr = ur + z.double()
+    torch.autograd.backward([hr, F.layer_norm(hr, (d,), eps=1e-5)], [dh.double(), dx.double()])
+    assert_close_scaled(rln.residual_layer_norm_bwd_triton(x, rstd, dh, dx), ur.grad.float())
+
+
+@pytest.mark.parametrize("d", [7, 1000, 4096])
+def test_residual_layer_norm_large_mean_rows(d):
+    """Rows of mean 1e4 and std 1 in fp32: within 2x of torch's own fp32 F.layer_norm error against fp64."""
+    torch.manual_seed(0)
+    u, z = 1e4 + torch.randn(8, d), torch.randn(d) * 1e-3
+    _, x, _ = rln.residual_layer_norm_fwd_triton(u, z, 1e-5)
+    h = u + z
+    exact = F.layer_norm(h.double(), (d,), eps=1e-5)
+    torch_error = (F.layer_norm(h, (d,), eps=1e-5).double() - exact).abs().max()
+    assert (x.double() - exact).abs().max() <= 2 * torch_error
