@@ -6,6 +6,8 @@
 #include <ATen/ops/zeros.h>
 
 #include <algorithm>
+#include <atomic>
+#include <vector>
 
 #include "../ops.h"
 #include "host.h"
@@ -16,27 +18,31 @@ namespace {
 
 struct Packed {
   at::Tensor ids, offsets, ut, mu;
+  std::vector<int64_t> sizes;
+  std::atomic<bool> bad_ids{false};
 };
 
 // Field f owns table rows [offsets[f], offsets[f + 1]) (the last field runs to the table's end): offsets must not
-// decrease within [0, V], and each id must be -1 (padding) or within its field's rows.
-void check_ids(const cpu::LowRankEmbeddingParams& p, const char* op) {
-  for (int64_t f = 0; f < p.F; ++f) {
-    const int64_t end = f + 1 < p.F ? p.offsets[f + 1] : p.V;
-    TORCH_CHECK_VALUE(p.offsets[f] >= 0 && p.offsets[f] <= end && end <= p.V, op,
-                      ": offsets must not decrease within [0, V=", p.V, "], got offsets[", f, "] = ", p.offsets[f],
-                      " before ", end);
+// decrease within [0, V]. Returns each field's size V_f.
+std::vector<int64_t> field_sizes(const int64_t* offsets, int64_t F, int64_t V, const char* op) {
+  std::vector<int64_t> sizes(F);
+  for (int64_t f = 0; f < F; ++f) {
+    const int64_t end = f + 1 < F ? offsets[f + 1] : V;
+    TORCH_CHECK_VALUE(offsets[f] >= 0 && offsets[f] <= end && end <= V, op, ": offsets must not decrease within [0, V=",
+                      V, "], got offsets[", f, "] = ", offsets[f], " before ", end);
+    sizes[f] = end - offsets[f];
   }
-  for (int64_t b = 0; b < p.B; ++b) {
-    for (int64_t f = 0; f < p.F; ++f) {
-      const int64_t size = (f + 1 < p.F ? p.offsets[f + 1] : p.V) - p.offsets[f];
-      const int64_t* bag = p.ids + (b * p.F + f) * p.L;
-      for (int64_t j = 0; j < p.L; ++j) {
-        TORCH_CHECK_VALUE(bag[j] >= -1 && bag[j] < size, op, ": ids[", b, ", ", f, ", ", j, "] = ", bag[j],
-                          " is outside field ", f, "'s ids [0, ", size, ") (-1 pads a bag)");
-      }
-    }
+  return sizes;
+}
+
+// Raises for the first id outside its field's [0, V_f) that is not -1: called when a kernel flagged one.
+void raise_bad_id(const cpu::LowRankEmbeddingParams& p, const char* op) {
+  for (int64_t i = 0; i < p.B * p.F * p.L; ++i) {
+    const int64_t id = p.ids[i], f = i / p.L % p.F;
+    TORCH_CHECK_VALUE(id >= -1 && id < p.sizes[f], op, ": ids[", i / (p.F * p.L), ", ", f, ", ", i % p.L, "] = ", id,
+                      " is outside field ", f, "'s ids [0, ", p.sizes[f], ") (-1 pads a bag)");
   }
+  TORCH_CHECK(false, op, ": a kernel flagged an id that the host finds in range");
 }
 
 cpu::LowRankEmbeddingParams make_params(const at::Tensor& ids, const at::Tensor& table, const at::Tensor& offsets,
@@ -69,7 +75,8 @@ cpu::LowRankEmbeddingParams make_params(const at::Tensor& ids, const at::Tensor&
   keep.mu = at::zeros({p.F, p.dp}, f32);
   keep.mu.narrow(1, 0, p.d).copy_(mu);
   p.ids = keep.ids.data_ptr<int64_t>(), p.offsets = keep.offsets.data_ptr<int64_t>();
-  check_ids(p, op);
+  keep.sizes = field_sizes(p.offsets, p.F, p.V, op);
+  p.sizes = keep.sizes.data(), p.bad_ids = &keep.bad_ids;
   p.ut = keep.ut.data_ptr<float>(), p.mu = keep.mu.data_ptr<float>();
   p.table = table.data_ptr();
   return p;
@@ -90,6 +97,7 @@ at::Tensor low_rank_embedding_fwd_cpu(const at::Tensor& ids, const at::Tensor& t
                                 &cpu::generic::low_rank_embedding_fwd_rows);
   cpu::parallel_chunks(p.B, grain(p), cpu::low_rank_embedding_scratch(p),
                        [&](int64_t begin, int64_t end, float* scratch, int64_t) { fn(p, begin, end, scratch); });
+  if (keep.bad_ids.load()) raise_bad_id(p, "low_rank_embedding_fwd_cpu");
   return out;
 }
 
@@ -115,6 +123,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> low_rank_embedding_bwd_cpu(const 
                        [&](int64_t begin, int64_t end, float* scratch, int64_t thread) {
                          fn(p, begin, end, scratch, thread);
                        });
+  if (keep.bad_ids.load()) raise_bad_id(p, "low_rank_embedding_bwd_cpu");
   at::Tensor dtable = at::empty({p.V, p.k}, table.options()), du = at::empty({p.F, p.d, p.k}, table.options());
   at::Tensor dmu = at::empty({p.F, p.d}, table.options());
   cpu::sum_threads(p.dtable, threads, 1, p.V, p.k, dtable, false);

@@ -2,6 +2,7 @@
 // entry points.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 
 #include "common.h"
@@ -9,11 +10,13 @@
 namespace effkern::cpu {
 
 // out[b][f] = U_f e + c mu_f with e = the sum (or mean) of the bag's compressed rows table[offsets[f] + id]
-// (ids < 0 are padding) and c = the number of ids (sum) or 1 (mean; 0 for an empty bag).
+// (-1 pads a bag) and c = the number of ids (sum) or 1 (mean; 0 for an empty bag).
 struct LowRankEmbeddingParams {
   const int64_t* ids;      // [B][F][L]
   const void* table;       // [V][k] in dtype
   const int64_t* offsets;  // [F] first table row of each field
+  const int64_t* sizes;    // [F] rows of each field, V_f
+  std::atomic<bool>* bad_ids;  // set by a kernel that met an id outside [-1, V_f) (and skipped it)
   const float* ut;         // [F][k][dp] U_f^T, fp32, zero-padded to dp (host-packed)
   const float* mu;         // [F][dp]
   void* out;               // [B][F][d] in dtype (forward)

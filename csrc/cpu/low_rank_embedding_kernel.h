@@ -8,6 +8,14 @@
 
 namespace effkern::cpu::EFFKERN_ISA {
 
+// Whether `id` of field f names a table row: -1 pads a bag; any other id outside [0, V_f) is skipped and flagged
+// for the host, which then raises (the check costs a compare here instead of a pass of its own over the ids).
+inline bool lre_real_id(const LowRankEmbeddingParams& p, int64_t f, int64_t id) {
+  if (id >= 0 && id < p.sizes[f]) return true;
+  if (id != -1) p.bad_ids->store(true, std::memory_order_relaxed);
+  return false;
+}
+
 // e[0:k] = sum of the bag's rows (fp32); returns the number of ids in the bag.
 template <DType DT>
 inline int64_t lre_bag(const LowRankEmbeddingParams& p, int64_t b, int64_t f, float* e) {
@@ -15,7 +23,7 @@ inline int64_t lre_bag(const LowRankEmbeddingParams& p, int64_t b, int64_t f, fl
   int64_t n = 0;
   const int64_t* ids = p.ids + (b * p.F + f) * p.L;
   for (int64_t j = 0; j < p.L; ++j) {
-    if (ids[j] < 0) continue;
+    if (!lre_real_id(p, f, ids[j])) continue;
     const int64_t row = (p.offsets[f] + ids[j]) * p.k;
     for (int64_t c = 0; c < p.k; ++c) e[c] += load_scalar<DT>(p.table, row + c);
     ++n;
@@ -87,7 +95,7 @@ void lre_bwd(const LowRankEmbeddingParams& p, int64_t begin, int64_t end, float*
       }
       const int64_t* ids = p.ids + (b * p.F + f) * p.L;
       for (int64_t j = 0; j < p.L; ++j) {
-        if (ids[j] < 0) continue;
+        if (!lre_real_id(p, f, ids[j])) continue;
         float* dst = dtable + (p.offsets[f] + ids[j]) * p.k;
         for (int64_t kk = 0; kk < p.k; ++kk) dst[kk] += de[kk];
       }

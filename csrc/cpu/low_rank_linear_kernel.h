@@ -8,7 +8,7 @@
 // a taller tile needs more row pointers than x86 has registers (24 x 1 reloaded half of them from the stack on every
 // k and ran 2-6% slower at rank 16 than 12 x 1). An output larger than a core's L2 is written with streaming stores
 // (no read-for-ownership; the host decides, `stream`); so is the backward's dx.
-// Backward, per tile: stage g (zeroed where a relu'd y is not > 0: the out_act's backward in the same pass),
+// Backward, per tile: stage g (zeroed where a relu'd y is <= 0: the out_act's backward in the same pass),
 // recompute t (cheaper than writing it), da = g V, dt = da * act'(t), dx = dt U (written), and accumulate this
 // thread's dV += g^T act(t), dU^T += x^T dt, db1, db2 with a tile of act(t) / dt held in registers while the
 // weight-gradient rows stream through. Meanwhile the next tile's g, y and x are prefetched into L2, a line per k
@@ -86,7 +86,8 @@ inline void lrl_product(const float* A, int64_t lda, const float* B, int64_t ldb
 }
 
 // Rows [r0, r0 + rows) of a [M][n] matrix as fp32 dst [kLrlRows][ld]; columns n..ld and rows past `rows` are 0.
-// With a `mask` (a [M][n] matrix in the same dtype), only the elements where it is > 0 are kept, the others 0.
+// With a `mask` (a [M][n] matrix in the same dtype), the elements where it is <= 0 become 0 (torch's relu backward:
+// a NaN keeps its gradient).
 template <DType DT>
 inline void lrl_stage(const void* src, int64_t r0, int64_t rows, int64_t n, int64_t ld, float* dst,
                       const void* mask = nullptr) {
@@ -98,7 +99,7 @@ inline void lrl_stage(const void* src, int64_t r0, int64_t rows, int64_t n, int6
       if (mask) {
         for (; c + Vec::W <= n; c += Vec::W)
           Vec::select_pos(load_vec<DT>(mask, at + c), load_vec<DT>(src, at + c), Vec::zero()).store(row + c);
-        for (; c < n; ++c) row[c] = load_scalar<DT>(mask, at + c) > 0.f ? load_scalar<DT>(src, at + c) : 0.f;
+        for (; c < n; ++c) row[c] = load_scalar<DT>(mask, at + c) <= 0.f ? 0.f : load_scalar<DT>(src, at + c);
       } else {
         for (; c + Vec::W <= n; c += Vec::W) load_vec<DT>(src, at + c).store(row + c);
         for (; c < n; ++c) row[c] = load_scalar<DT>(src, at + c);
@@ -184,7 +185,7 @@ inline Vec lrl_act(Vec t, LowRankAct act) {
   }
 }
 
-// d act / dt: relu 1 where t > 0 (0 at 0, as torch); gelu Phi(t) + t phi(t).
+// d act / dt: relu 0 where t <= 0, else 1 (0 at 0 and 1 at NaN, as torch); gelu Phi(t) + t phi(t).
 inline Vec lrl_act_grad(Vec t, LowRankAct act) {
   switch (act) {
     case LowRankAct::relu: return Vec::select_pos(t, Vec::set1(1.f), Vec::zero());
@@ -393,7 +394,7 @@ void lrl_few_out(const LowRankLinearParams& p, const float* t, int64_t o0, int64
   for (int64_t i = 0; i < p.M; ++i) {
     for (int64_t o = o0; o < o1; ++o) {
       const float y = Y[i * p.dop + o] + p.b2[o];
-      store_scalar<DT>(p.y, i * p.d_out + o, p.relu_y && !(y > 0.f || y != y) ? 0.f : y);
+      store_scalar<DT>(p.y, i * p.d_out + o, p.relu_y && y <= 0.f ? 0.f : y);
     }
   }
 }

@@ -78,15 +78,15 @@ struct Vec {
   }
   static Vec fma(Vec a, Vec b, Vec c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
   static Vec max(Vec a, Vec b) { return {_mm512_max_ps(a.v, b.v)}; }
-  // F.relu: max(x, 0) with NaN kept (max_ps returns its second operand when either is NaN) and -0 -> +0.
+  // F.relu: x <= 0 ? 0 : x (a NaN stays NaN, -0 becomes +0), as a compare and a zero-masking move.
   static Vec relu(Vec x) {
-    return {_mm512_mask_mov_ps(_mm512_max_ps(x.v, _mm512_setzero_ps()), _mm512_cmp_ps_mask(x.v, x.v, _CMP_UNORD_Q), x.v)};
+    return {_mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x.v, _mm512_setzero_ps(), _CMP_NLE_UQ), x.v)};
   }
   static Vec min(Vec a, Vec b) { return {_mm512_min_ps(a.v, b.v)}; }
   static Vec abs(Vec a) { return {_mm512_abs_ps(a.v)}; }
-  // x > 0 ? a : b, lane by lane
+  // x <= 0 ? b : a, lane by lane (a NaN x selects a: torch's threshold_backward keeps the gradient there)
   static Vec select_pos(Vec x, Vec a, Vec b) {
-    return {_mm512_mask_blend_ps(_mm512_cmp_ps_mask(x.v, _mm512_setzero_ps(), _CMP_GT_OQ), b.v, a.v)};
+    return {_mm512_mask_blend_ps(_mm512_cmp_ps_mask(x.v, _mm512_setzero_ps(), _CMP_NLE_UQ), b.v, a.v)};
   }
   float sum() const { return _mm512_reduce_add_ps(v); }
   float hmax() const { return _mm512_reduce_max_ps(v); }
@@ -138,13 +138,11 @@ struct Vec {
   }
   static Vec fma(Vec a, Vec b, Vec c) { return {_mm256_fmadd_ps(a.v, b.v, c.v)}; }
   static Vec max(Vec a, Vec b) { return {_mm256_max_ps(a.v, b.v)}; }
-  static Vec relu(Vec x) {
-    return {_mm256_blendv_ps(_mm256_max_ps(x.v, _mm256_setzero_ps()), x.v, _mm256_cmp_ps(x.v, x.v, _CMP_UNORD_Q))};
-  }
+  static Vec relu(Vec x) { return {_mm256_and_ps(x.v, _mm256_cmp_ps(x.v, _mm256_setzero_ps(), _CMP_NLE_UQ))}; }
   static Vec min(Vec a, Vec b) { return {_mm256_min_ps(a.v, b.v)}; }
   static Vec abs(Vec a) { return {_mm256_andnot_ps(_mm256_set1_ps(-0.f), a.v)}; }
   static Vec select_pos(Vec x, Vec a, Vec b) {
-    return {_mm256_blendv_ps(b.v, a.v, _mm256_cmp_ps(x.v, _mm256_setzero_ps(), _CMP_GT_OQ))};
+    return {_mm256_blendv_ps(b.v, a.v, _mm256_cmp_ps(x.v, _mm256_setzero_ps(), _CMP_NLE_UQ))};
   }
   static void sum8(const Vec* v, float* out) {
     __m256 h[8];
@@ -186,10 +184,10 @@ struct Vec {
   void store(uint16_t* p, bool bf16) const { *p = float_to_half_bits(v, bf16); }
   static Vec fma(Vec a, Vec b, Vec c) { return {a.v * b.v + c.v}; }
   static Vec max(Vec a, Vec b) { return {a.v > b.v ? a.v : b.v}; }
-  static Vec relu(Vec x) { return {x.v > 0.f || x.v != x.v ? x.v : 0.f}; }
+  static Vec relu(Vec x) { return {x.v <= 0.f ? 0.f : x.v}; }
   static Vec min(Vec a, Vec b) { return {a.v < b.v ? a.v : b.v}; }
   static Vec abs(Vec a) { return {std::fabs(a.v)}; }
-  static Vec select_pos(Vec x, Vec a, Vec b) { return {x.v > 0.f ? a.v : b.v}; }
+  static Vec select_pos(Vec x, Vec a, Vec b) { return {x.v <= 0.f ? b.v : a.v}; }
   float sum() const { return v; }
   float hmax() const { return v; }
   static void sum8(const Vec* v, float* out) {

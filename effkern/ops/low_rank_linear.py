@@ -5,7 +5,7 @@ The compressed MLP layer of CTR low-rank compression (PAPERS.md E: ``W ~= U_k U_
 ``act`` = none for the exact variant, the layer's own activation for ``_act``; ``out_act`` = the activation that
 follows the compressed layer in the MLP, fused into the output's store instead of a separate pass over the
 ``[M, d_out]`` output). ``U: [r, d_in]``, ``V: [d_out, r]`` (``nn.Linear`` weight layouts), ``act`` in none / relu /
-gelu (exact, erf-based, as ``F.gelu``), ``out_act`` none or relu (its backward, ``g * (y > 0)``, needs only y).
+gelu (exact, erf-based, as ``F.gelu``), ``out_act`` none or relu (its backward, g where y is not <= 0, needs only y).
 
 Fused: the rank-r hidden layer is never written to memory. The C++ CPU kernel runs both products over tiles of 24
 rows of x held in fp32 registers/L1 (its own AVX-512 / AVX2 micro-kernels on weights packed once per call), the bias
@@ -42,7 +42,7 @@ def _act_grad(t: torch.Tensor, act: int) -> torch.Tensor:
     if act == 0:
         return torch.ones_like(t)
     if act == 1:
-        return (t > 0).to(t.dtype)
+        return (~(t <= 0)).to(t.dtype)  # as torch's threshold_backward: 0 at 0, the gradient kept at NaN
     cdf = 0.5 * (1 + torch.erf(t / math.sqrt(2)))
     return cdf + t * torch.exp(-0.5 * t * t) / math.sqrt(2 * math.pi)
 
@@ -64,12 +64,12 @@ def reference(x, u, b1, v, b2, act: int, out_act: int) -> torch.Tensor:
 
 
 def _masked(g, y):
-    """The gradient through a relu'd output y (None: no out_act): g where y > 0, as torch's relu backward."""
+    """The gradient through a relu'd output y (None: no out_act): 0 where y <= 0, else g, as torch's relu backward."""
     return g if y is None else torch.ops.aten.threshold_backward(g, y, 0)
 
 
 def bwd_reference(x, u, b1, v, g, y, act: int):
-    """``(dx, du, db1, dv, db2)`` in the inputs' dtype: with g masked by y > 0 when y (the relu'd output) is given,
+    """``(dx, du, db1, dv, db2)`` in the inputs' dtype: with g zeroed where y <= 0 when y (the relu'd output) is given,
     dt = (g V) * act'(t), dx = dt U, dU = dt^T x, dV = g^T act(t), db1 = sum dt, db2 = sum g."""
     t, a = _hidden(x, u, b1, act)
     gf = _masked(g, y).to(t.dtype)
@@ -147,7 +147,7 @@ def bwd_op(x: torch.Tensor, u: torch.Tensor, b1: torch.Tensor | None, v: torch.T
            y: torch.Tensor | None, act: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                                       torch.Tensor]:
     """(dx, du, db1, dv, db2) from x, the weights and g = dL/dy (contiguous [M, d_out]); y, the forward's output when
-    it was relu'd (else None), masks g to where y > 0 (the C++ CPU kernel in the same pass, the GPU backends first)."""
+    it was relu'd (else None), zeroes g where y <= 0 (the C++ CPU kernel in the same pass, the GPU backends first)."""
     return _backend.run("low_rank_linear", x.device, _preferred(x, u), _BWD, x, u, b1, v, g, y, act)
 
 

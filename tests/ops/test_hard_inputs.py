@@ -32,6 +32,9 @@ HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 import route_cases  # noqa: E402
 
+# NaN and Inf inputs make numpy (the Triton interpreter) warn about the invalid values it computes on purpose
+pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+
 TRITON = why_unavailable("triton", torch.device("cpu")) is None
 NATIVE = [*(["cpu"] if extension() is not None else []), *(["triton"] if TRITON else [])]
 # (backend, C++ SIMD level): every compiled path of the C++ kernels, and the others once
@@ -109,6 +112,43 @@ def test_low_rank_linear_keeps_nan_and_inf(backend, isa, act, out_act, rows):
         y = low_rank_linear(x, u, v, b1, b2, act, out_act)
     expected = _torch_low_rank_linear(x, u, v, b1, b2, act, out_act)
     torch.testing.assert_close(y.double(), expected, equal_nan=True, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize(("backend", "isa"), BACKEND_ISAS, ids=IDS)
+@pytest.mark.parametrize("rows", [3, 40])
+def test_low_rank_linear_relu_of_minus_inf_is_finite(backend, isa, rows):
+    """An infinite input that the hidden ReLU maps to 0 leaves a finite output: no padded hidden column (x . 0 =
+    NaN for an infinite x) may reach it."""
+    g = torch.Generator().manual_seed(1)
+    x, u = torch.randn(rows, 20, generator=g), torch.randn(8, 20, generator=g)
+    u[:, 3] = -u[:, 3].abs() - 0.1
+    x[0, 3] = float("inf")  # every hidden unit of row 0 is -inf before the ReLU
+    v, b1, b2 = torch.randn(12, 8, generator=g), torch.randn(8, generator=g), torch.randn(12, generator=g)
+    with env(EFFKERN_BACKEND=backend, EFFKERN_CPU_ISA=isa):
+        y = low_rank_linear(x, u, v, b1, b2, "relu")
+    assert y.isfinite().all()
+    torch.testing.assert_close(y.double(), _torch_low_rank_linear(x, u, v, b1, b2, "relu", "none"), atol=1e-4,
+                               rtol=1e-4)
+
+
+@pytest.mark.parametrize(("backend", "isa"), BACKEND_ISAS, ids=IDS)
+@pytest.mark.parametrize("out_act", ["none", "relu"])
+def test_low_rank_linear_backward_through_nan_as_torch(backend, isa, out_act):
+    """relu's backward keeps the gradient where its input is NaN (torch's threshold_backward), hidden and output."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(40, 20, generator=g)
+    x[5] = float("nan")
+    params = [torch.randn(8, 20, generator=g), torch.randn(12, 8, generator=g), torch.randn(8, generator=g),
+              torch.randn(12, generator=g)]
+    weight = torch.randn(40, 12, generator=g)
+    grads = []
+    for fn in (lambda *a: low_rank_linear(*a, "relu", out_act), lambda *a: _torch_low_rank_linear(*a, "relu", out_act)):
+        leaves = [t.clone().requires_grad_() for t in (x, *params)]
+        with env(EFFKERN_BACKEND=backend, EFFKERN_CPU_ISA=isa):
+            out = fn(leaves[0], leaves[1], leaves[2], leaves[3], leaves[4])
+            grads.append(torch.autograd.grad((out * weight).sum(), leaves))
+    for got, expected in zip(*grads, strict=True):
+        torch.testing.assert_close(got.double(), expected.double(), equal_nan=True, atol=1e-3, rtol=1e-4)
 
 
 def _decode_inputs(s=64, seed=0):
