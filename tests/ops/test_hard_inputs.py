@@ -330,3 +330,27 @@ def test_numpy_heads_and_zero_head_dim():
     q, kc = torch.randn(1, 2, 0), torch.randn(1, 1, 4, 0)
     with pytest.raises(ValueError, match="head dim D >= 1"):
         gqa_decode(q, kc, kc, torch.tensor([2]))
+
+
+# ---- GPU: the error word (runs where a GPU is lent) ----------------------------------------------------------------
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_kernels_report_bad_indices_without_a_sync(backend):
+    if why_unavailable(backend, torch.device("cuda")) is not None:
+        pytest.skip(why_unavailable(backend, torch.device("cuda")))
+    from effkern.ops import check_device_errors
+
+    dev = torch.device("cuda")
+    q, kc, vc = torch.randn(2, 4, 16, device=dev), torch.randn(2, 2, 8, 16, device=dev), torch.randn(2, 2, 8, 16,
+                                                                                                  device=dev)
+    bad = torch.tensor([3, 10**8], dtype=torch.int32, device=dev)
+    with env(EFFKERN_BACKEND=backend):
+        torch.ops.effkern.gqa_decode(q, kc, vc, bad, None, None, None, None, 0.25, 0.0, 0, 0)
+        with pytest.raises(ValueError, match="seq_lens must be within"):
+            check_device_errors()
+        check_device_errors()  # raised once, then cleared
+        torch.ops.effkern.kv_append(kc, vc, kc[:, :, 0], vc[:, :, 0], bad, None, None, None, 0, 0)
+        torch.cuda.synchronize()
+        with pytest.raises(ValueError, match="slots must be within"):  # the next launch raises it
+            torch.ops.effkern.gqa_decode(q, kc, vc, bad.clamp_max(8), None, None, None, None, 0.25, 0.0, 0, 0)
