@@ -63,7 +63,7 @@ _RUNS: dict[tuple[str, str], tuple[int, dict, str]] = {}
 def _run_route(route: str, backend: str) -> tuple[int, dict, str]:
     """route_cases.py ROUTE in a subprocess with EFFKERN_BACKEND=backend, once per (route, backend)."""
     if (route, backend) not in _RUNS:
-        environ = dict(os.environ, EFFKERN_BACKEND=backend, TRITON_INTERPRET="1", PYTHONPATH=str(HERE.parents[1]))
+        environ = dict(os.environ, EFFKERN_BACKEND=backend, TRITON_INTERPRET="1")  # effkern imported as here
         proc = subprocess.run([sys.executable, str(HERE / "route_cases.py"), route], capture_output=True, text=True,
                               env=environ, timeout=600)
         lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
