@@ -94,10 +94,20 @@ def interleaved_times(fns: dict, device: str, rounds: int = 30, min_time: float 
 
 
 def copy_bandwidth(device: str, nbytes: int = 1 << 30) -> float:
-    """Copy bandwidth in bytes/s, counting bytes read plus bytes written (the STREAM copy convention)."""
+    """Copy bandwidth in bytes/s, counting bytes read plus bytes written (the STREAM copy convention): the roofline
+    of kernels that write about as much as they read (residual_layer_norm, kv_append)."""
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
     dst = torch.empty_like(src)
     return 2 * nbytes / median_time(lambda: dst.copy_(src), device)
+
+
+def read_bandwidth(device: str, nbytes: int = 1 << 30) -> float:
+    """Read bandwidth in bytes/s: ``x.sum()`` over ``nbytes`` of fp32 (1 GiB: far past any last-level cache, and
+    past a GPU's L2), which reads every byte once and writes one number. The roofline of read-only kernels
+    (gqa_decode reads the KV cache and writes one row per query head): on these CPUs a plain read runs up to ~1.5x
+    the copy figure (ENVIRONMENT.md), so the copy bandwidth would flatter them."""
+    x = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
+    return nbytes / median_time(lambda: x.sum(), device)
 
 
 def print_table(rows: list[dict], columns: list[str]) -> None:
