@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 import torch.utils.benchmark as tb
 
-from effkern.ops._backend import usable_backends
+from effkern.ops._backend import BackendUnavailableError, usable_backends, use_backend
 
 
 def keep_freed_memory() -> None:
@@ -44,6 +44,20 @@ def op_bench_args(doc: str, quick_help: str, argv, add_arguments=None) -> tuple[
     backends = [b for b in usable_backends(torch.device(args.device))
                 if b != "reference" and not (b == "triton" and args.device == "cpu")]
     return args, backends
+
+
+def runnable_backends(backends: list[str], call) -> list[str]:
+    """The backends of ``backends`` on which ``call()`` runs when forced: a backend usable on the device may have no
+    kernel for the op (residual_layer_norm has no CUDA kernel; its Triton kernels serve CUDA tensors)."""
+    runnable = []
+    for name in backends:
+        try:
+            with use_backend(name):
+                call()
+            runnable.append(name)
+        except BackendUnavailableError as e:
+            print(f"skipping backend {name}: {e}")
+    return runnable
 
 
 def median_time(fn, device: str, min_run_time: float = 0.5) -> float:

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import copy_bandwidth, median_time, op_bench_args, run_shapes  # noqa: E402
+from common import copy_bandwidth, median_time, op_bench_args, run_shapes, runnable_backends  # noqa: E402
 
 from effkern.ops import residual_layer_norm  # noqa: E402
 from effkern.ops._backend import use_backend  # noqa: E402
@@ -41,7 +41,7 @@ def bench_shape(kk, b, n, d, device, copy_bw, backends):
         return lambda: torch.autograd.grad(fn(u, z), u, (dh, dx))
 
     candidates = {"torch": step(torch_version)}
-    for name in ["reference", *backends]:
+    for name in ["reference", *runnable_backends(backends, lambda: residual_layer_norm(u, z))]:
         def run(name=name):
             with use_backend(name):
                 return torch.autograd.grad(residual_layer_norm(u, z), u, (dh, dx))
