@@ -3,7 +3,11 @@ hypothesis property tests draw the same examples on every run (derandomized: a C
 draw once found a tolerance edge in CI that no rerun could show).
 
 TRITON_INTERPRET must be set before triton decorates any kernel, so it is set here, before test modules
-import anything. The GPU compile checks run in subprocesses without it.
+import anything (unless set already). The GPU compile checks run in subprocesses without it.
+
+On a GPU: ``TRITON_INTERPRET=0 pytest -m cuda tests`` runs every GPU test with the Triton kernels compiled for the
+card (bench/gpu_check.py does it): a test that skips without a CUDA GPU gets the ``cuda`` marker here, marked by
+hand or not.
 """
 
 import os
@@ -19,6 +23,12 @@ from hypothesis import settings  # noqa: E402
 
 settings.register_profile("effkern", derandomize=True, database=None)
 settings.load_profile("effkern")
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if any("CUDA GPU" in str(m.kwargs.get("reason", "")) for m in item.iter_markers("skipif")):
+            item.add_marker(pytest.mark.cuda)
 
 
 @pytest.fixture(scope="session")
