@@ -2,8 +2,8 @@
 #pragma once
 
 // Fully unrolls the next loop over a register tile's rows or vectors. GCC peels at most 16 iterations by itself; a
-// 24-row tile left rolled kept its accumulators on the stack (a load + FMA + store per FMA: measured, the rank-16
-// hidden-layer product of low_rank_linear ran at half the rate of the unrolled 6 x 4 tile).
+// 24-row tile left rolled kept its accumulators on the stack (a load + FMA + store per FMA: measured much slower than
+// the unrolled tile; README "Backends").
 #define EFFKERN_UNROLL _Pragma("GCC unroll 32")
 
 namespace effkern::cpu {

@@ -50,10 +50,10 @@ constexpr int kRowsPerPass = NH >= 3 ? 2 : 8 / NH;
 template <int NH>
 constexpr int kChunksPerPass = NH >= 3 ? 2 : 8 / NH;
 
-// Software prefetch, measured on this project's 2-vCPU VMs: hardware prefetchers alone left the K/V loads
-// latency-bound (~0.4 of copy bandwidth; they restart at every 4 KB page of the two streams); prefetching
-// each K and V row kPrefetchRows rows ahead into L2, spread over the score loop, reaches ~0.9. Prefetching a
-// whole tile at once stalls on full fill buffers instead, and an L1 (T0) hint was slower than L2 (T1).
+// Software prefetch: hardware prefetchers alone leave the K/V loads latency-bound (they restart at every 4 KB page
+// of the two streams); prefetching each K and V row kPrefetchRows rows ahead into L2, spread over the score loop,
+// comes close to the memory bandwidth. Prefetching a whole tile at once stalls on full fill buffers instead, and an
+// L1 (T0) hint was slower than L2 (T1). Measured on the project's 2-vCPU VMs: README "Backends".
 constexpr int64_t kPrefetchRows = 16;
 
 inline void prefetch_row(const void* base, int64_t byte_off, int64_t row_bytes) {

@@ -70,7 +70,8 @@ inline const int32_t* check_indices(const at::Tensor& t, int64_t n, Lo lo, Hi hi
 
 // Flush denormals to zero (MXCSR FTZ + DAZ) on this thread while alive. Softmax probabilities far below their
 // row's max reach the denormal range, and on x86 every FMA that reads or produces one takes a microcode assist:
-// measured, a LAST training epoch (low_rank_attention backward) grew 1.5 -> 9.4 s as the logits sharpened.
+// measured, a LAST training epoch (low_rank_attention backward) ran several times slower as the logits sharpened
+// (README "Backends").
 // Results change only below FLT_MIN (1.2e-38). Construct one inside each worker thread's lambda.
 class FlushDenormals {
  public:

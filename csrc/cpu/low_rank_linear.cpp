@@ -17,9 +17,9 @@ namespace {
 
 // Copies m ([rows][cols] or [cols], any float dtype and strides) as fp32 to the top left of dst [dst_rows][ld],
 // transposed when asked (dst[c][r] = m[r][c]); every other float of dst is zero. Plain loops into one buffer: the
-// weights are packed on every call, and ATen's zeros + copy_ per weight cost ~35 us (measured at M = 24 rows).
-// On x86 a transpose moves 4 x 4 blocks through SSE registers (2.6x the scalar loop's rate at rank 64: the packing
-// was half of a one-row forward's time).
+// weights are packed on every call, where ATen's zeros + copy_ per weight cost more than a few rows' products.
+// On x86 a transpose moves 4 x 4 blocks through SSE registers (faster than the scalar loop, measured: the packing
+// was a large part of a one-row forward's time).
 void pack(const at::Tensor& m, bool transpose, int64_t dst_rows, int64_t ld, float* dst) {
   const at::Tensor f = (m.dim() == 1 ? m.unsqueeze(0) : m).to(at::kFloat);
   const float* src = f.const_data_ptr<float>();
@@ -29,8 +29,8 @@ void pack(const at::Tensor& m, bool transpose, int64_t dst_rows, int64_t ld, flo
 #if defined(__x86_64__) || defined(__i386__)
   if (transpose && s1 == 1) {
     // Column blocks of 64: the 64 destination rows they fill stay in cache while every source row passes (row by
-    // row across all columns, a transposed store to each of 4096 rows: a 4096 -> 256 -> 4096 forward of 64 rows ran
-    // 1.13x faster blocked, the CTR layers' the same).
+    // row across all columns, a transposed store goes to each of 4096 rows; measured: a 4096 -> 256 -> 4096 forward
+    // of 64 rows faster blocked, the CTR layers' the same).
     const int64_t rows4 = rows / 4 * 4;
     for (int64_t c0 = 0; c0 < cols; c0 += 64) {
       const int64_t c1 = std::min(cols, c0 + 64);
@@ -108,18 +108,16 @@ cpu::LowRankLinearParams make_params(const at::Tensor& x, const at::Tensor& u, c
 constexpr int64_t kStreamBytes = int64_t{1} << 20;  // outputs from 1 MiB on are written with streaming stores
 
 // An output larger than a core's L2 leaves it anyway: skipping its read-for-ownership saves a third of the kernel's
-// memory traffic (measured: 400 -> 32 -> 400 at batch 4096 went from 0.9x to 1.16x the torch pair). The next layer
-// then reads it from memory rather than L3, and still gains: three chained 400 -> r -> 400 layers at batch 1024
-// and 2048 (1.6 / 3.3 MB outputs) ran forward + backward 1.06-1.30x the torch ops with a 1 MiB threshold, 0.86-1.10x
-// with 4 MiB (ranks 16 / 32 / 64, two runs, the thresholds interleaved in one process).
+// memory traffic. The next layer then reads it from memory rather than L3, and still gains: chained 400 -> r -> 400
+// layers ran faster with a 1 MiB threshold than with 4 MiB (measured; README "Backends").
 bool streamable(const at::Tensor& out, const cpu::LowRankLinearParams& p) {
   return out.numel() * static_cast<int64_t>(sizeof(float)) >= kStreamBytes && p.dtype == cpu::DType::f32 &&
          out.size(1) % 16 == 0 && reinterpret_cast<uintptr_t>(out.data_ptr()) % 64 == 0;
 }
 
-// Rows per chunk of the thread pool: whole row tiles for ~5 MFLOP (~50 us of one core). A second thread costs tens of
-// us here (waking it, moving the packed weights to its cache): one forward of 48 rows at rank 64 took 62 us on one
-// thread, 72 us on two; 64 rows 75 vs 90 us (tight loop; 2x that with Python between the calls).
+// Rows per chunk of the thread pool: whole row tiles for ~5 MFLOP (tens of microseconds of one core). A second
+// thread costs about as much (waking it, moving the packed weights to its cache): measured, forwards of a few dozen
+// rows ran slower on two threads than on one (README "Backends").
 // `products`: the rank-r products a row runs (forward 2, backward 5). The pool splits the rows evenly, not whole tiles
 // (a thread's last tile is shorter): 1024 rows as 22 + 21 tiles kept one thread busy half a tile longer.
 int64_t grain(const cpu::LowRankLinearParams& p, int64_t products) {

@@ -14,9 +14,7 @@ constexpr int kLowRankLinearRows = 24;
 
 // Forwards of up to kLowRankLinearFewRows rows, or kLowRankLinearFewRowsLarge when u and v take at least
 // kLowRankLinearLargeBytes, run as dot products straight from u and v: packing the weights costs more than those
-// rows' products. Measured on the CPU VM (forward, us, dot products / packed tiles / the torch ops): 400 -> 64 -> 400
-// at 2 rows 8 / 18 / 19, 4 rows 12 / 18 / 21, 8 rows 22 / 23 / 22; 4096 -> 256 -> 4096 (8 MB of weights; their
-// packing alone ~2.5 ms) at 2 rows 183 / 2820 / 1019, 32 rows 1679 / 3716 / 2154, 64 rows 3009 / 4325 / 2767.
+// rows' products, and large weights take longer to pack (measured on the CPU VM: README "Backends").
 constexpr int64_t kLowRankLinearFewRows = 4, kLowRankLinearFewRowsLarge = 32;
 constexpr int64_t kLowRankLinearLargeBytes = int64_t{1} << 20;
 

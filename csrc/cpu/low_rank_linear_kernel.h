@@ -6,14 +6,14 @@
 // row, one broadcast per tile row, MR * NV FMAs into up to kLrlAcc accumulators; the tile's height MR = kLrlAcc / NV
 // grows as its width shrinks (AVX-512: 6 x 4, 8 x 3, 12 x 2 vectors, every tile loop fully unrolled), up to 12 rows:
 // a taller tile needs more row pointers than x86 has registers (24 x 1 reloaded half of them from the stack on every
-// k and ran 2-6% slower at rank 16 than 12 x 1). An output larger than a core's L2 is written with streaming stores
+// k and ran slower than 12 x 1, measured). An output larger than a core's L2 is written with streaming stores
 // (no read-for-ownership; the host decides, `stream`); so is the backward's dx.
 // Backward, per tile: stage g (zeroed where a relu'd y is <= 0: the out_act's backward in the same pass),
 // recompute t (cheaper than writing it), da = g V, dt = da * act'(t), dx = dt U (written), and accumulate this
 // thread's dV += g^T act(t), dU^T += x^T dt, db1, db2 with a tile of act(t) / dt held in registers while the
 // weight-gradient rows stream through. Meanwhile the next tile's g, y and x are prefetched into L2, a line per k
-// step of three products (its g and y staged from L3 / memory took ~14% of a batch-4096 backward; prefetched,
-// the backward ran 1.04-1.13x faster at batch 4096, 0.98-1.03x at 1024; the forward gained nothing from it).
+// step of three products (staging g and y from L3 / memory was a visible part of a large backward; measured: the
+// prefetch speeds up the batch-4096 backward, not the forward; README "Backends").
 // No include guard: included once per ISA (see kernels_isa.cpp).
 
 namespace effkern::cpu::EFFKERN_ISA {
