@@ -1,5 +1,5 @@
 // GQA decode attention on the GPU: torch-free launcher interface (raw pointers, element strides, a stream).
-// Semantics: effkern/ops/gqa_decode.py (gqa_decode_reference). The torch glue is csrc/cuda/bindings_cuda.cu.
+// Semantics: effkern/ops/gqa_decode.py (reference). The torch glue is csrc/cuda/bindings_cuda.cu.
 //
 // For every sequence b and query head h (KV head h / G, G = Hq / Hkv):
 //   q'  = RoPE(q[b, h]) with the row's cos/sin [R/2]   (rotary dim R; 0 = no RoPE; dims >= R pass through)

@@ -1,5 +1,5 @@
 // KV-cache append on the GPU: torch-free launcher interface (raw pointers, element strides, a stream).
-// Semantics: effkern/ops/kv_append.py (kv_append_reference). The torch glue is csrc/cuda/bindings_cuda.cu.
+// Semantics: effkern/ops/kv_append.py (reference). The torch glue is csrc/cuda/bindings_cuda.cu.
 //
 // For every sequence b (slot t = slots[b]) and cache KV head j (g = Hk / Hkv input heads per group):
 //   k' = RoPE(k[b, i]) in fp32 for each input head i   (rotary dim R; 0 = no RoPE; dims >= R pass through)

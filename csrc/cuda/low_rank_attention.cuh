@@ -1,5 +1,5 @@
 // Low-rank (side-network) attention core on the GPU: torch-free launcher interface (raw pointers, strides, stream).
-// Semantics: effkern/ops/low_rank_attention.py (core_reference / core_bwd_reference). The torch glue is
+// Semantics: effkern/ops/low_rank_attention.py (reference / bwd_reference). The torch glue is
 // csrc/cuda/bindings_cuda.cu.
 //
 // qkv holds, per side network k, image b and token n, the row [q | k | v] of 3r values (r = H * dh; head h at

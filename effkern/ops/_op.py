@@ -2,20 +2,20 @@
 ``torch.ops.effkern.*`` callers, opcheck, torch.compile / export and jit tracing), and in plain eager code the entry
 points skip the dispatcher between them and the implementation.
 
-Measured on the CPU VM with timeit (session notes of issue 5): the custom op's dispatch (the C++ dispatcher calling
-back into Python, the autograd kernel, the aliasing checks) cost 13-15 us a call on a tiny low_rank_linear and ~26
-us right after a batch-1024 kernel (Python runs with cold caches after a large kernel); its autograd wrapper's
-forward + backward ~130 us a step at a tiny shape.
+Why: the custom op's dispatch (the C++ dispatcher calling back into Python, the autograd kernel, the aliasing
+checks) costs Python time on every call that the kernels' small shapes feel (a decode step, a few rows of a layer);
+README "Backends" has the measurements and the shapes where it matters.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import inspect
+from collections.abc import Callable, Sequence
 
 import torch
 
 # Bound once: the route is decided on every call, and right after a large kernel every attribute lookup and frame
-# runs with cold caches (measured there: the three helpers this replaced took 50-57 us a call, this 7 us).
+# runs with cold caches.
 _compiling = torch.compiler.is_compiling  # dynamo knows the function itself, whatever it is called here
 _tracing = torch._C._is_tracing
 _profiling = torch._C._autograd._profiler_enabled
@@ -23,6 +23,7 @@ _functorch = torch._C._are_functorch_transforms_active
 _dispatch_modes = torch._C._len_torch_dispatch_stack
 _function_modes = torch._C._is_torch_function_mode_enabled
 _grad_enabled = torch.is_grad_enabled
+_increment_version = torch._C._increment_version
 _Tensor = torch.Tensor
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 OP, FUNCTION, IMPL = 0, 1, 2  # the routes of route()
@@ -46,20 +47,34 @@ def route(args) -> int:
 
 
 class Op:
-    """A non-mutating custom op ``op`` and its implementation ``impl``; called (positional arguments only), it runs
-    ``impl`` directly on the IMPL :func:`route`, else ``op`` (with its fake implementation and autograd)."""
+    """A custom op ``registered`` and its implementation ``impl``; called (positional arguments only), it runs
+    ``impl`` directly on the IMPL :func:`route`, else ``registered`` (with its fake implementation and autograd).
+    ``mutated``: the positions of the arguments the op writes in place; the direct call bumps their version
+    counters as the registered op does (a kernel writing through the data pointer would not), so autograd still
+    catches a tensor saved for backward and overwritten since."""
 
-    def __init__(self, op, impl: Callable):
-        self.op, self.impl = op, impl
-        self.register_fake = op.register_fake
+    def __init__(self, registered, impl: Callable, mutated: tuple[int, ...] = ()):
+        self.registered, self.impl, self.mutated = registered, impl, mutated
+        self.register_fake = registered.register_fake
 
     def __call__(self, *args):
-        return self.impl(*args) if route(args) == IMPL else self.op(*args)
+        if route(args) != IMPL:
+            return self.registered(*args)
+        out = self.impl(*args)
+        if self.mutated:
+            _increment_version([args[i] for i in self.mutated])
+        return out
 
 
-def custom_op(name: str) -> Callable[[Callable], Op]:
-    """``torch.library.custom_op(name, mutates_args=())`` as a decorator that returns an :class:`Op`."""
-    return lambda impl: Op(torch.library.custom_op(name, impl, mutates_args=()), impl)
+def custom_op(name: str, mutates_args: Sequence[str] = ()) -> Callable[[Callable], Op]:
+    """``torch.library.custom_op(name, mutates_args=mutates_args)`` as a decorator that returns an :class:`Op`."""
+
+    def wrap(impl: Callable) -> Op:
+        params = list(inspect.signature(impl).parameters)
+        registered = torch.library.custom_op(name, impl, mutates_args=tuple(mutates_args))
+        return Op(registered, impl, tuple(params.index(arg) for arg in mutates_args))
+
+    return wrap
 
 
 def register_autograd(op: Op, backward: Callable, setup_context: Callable) -> Callable:
@@ -67,7 +82,7 @@ def register_autograd(op: Op, backward: Callable, setup_context: Callable) -> Ca
     entry point. By :func:`route`: the implementation directly (IMPL), an autograd.Function built from the same
     two (FUNCTION: its forward calls the implementation, grad being off there), skipping the custom op's autograd
     wrapper, or the registered op (OP)."""
-    op.op.register_autograd(backward, setup_context=setup_context)
+    op.registered.register_autograd(backward, setup_context=setup_context)
 
     def forward(ctx, *inputs):  # not the setup_context form: its apply binds defaults through inspect per call
         output = op.impl(*inputs)  # only call() applies it, in eager code, and forward runs with grad off
@@ -80,6 +95,7 @@ def register_autograd(op: Op, backward: Callable, setup_context: Callable) -> Ca
 
     def call(*inputs):
         way = route(inputs)
-        return op.impl(*inputs) if way == IMPL else function.apply(*inputs) if way == FUNCTION else op.op(*inputs)
+        return (op.impl(*inputs) if way == IMPL else function.apply(*inputs) if way == FUNCTION
+                else op.registered(*inputs))
 
     return call

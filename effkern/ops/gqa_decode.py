@@ -32,12 +32,12 @@ from effkern.ops._checks import (
 )
 from effkern.ops._device_errors import guarded
 from effkern.ops._op import custom_op
-from effkern.ops.rope import STYLES, Rope, apply_rope, check_tables
+from effkern.ops.rope import Rope, apply_rope, check_tables, rope_args
 
 CUDA_MAX_HEAD_DIM = 256
 
 
-def gqa_decode_reference(
+def reference(
     q: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
@@ -104,7 +104,7 @@ def _triton(*args):
     return gqa_decode_triton(*args)
 
 
-_IMPLS = {"reference": gqa_decode_reference, "cpu": _cpu, "cuda": _cuda, "triton": _triton}
+_IMPLS = {"reference": reference, "cpu": _cpu, "cuda": _cuda, "triton": _triton}
 
 
 def _preferred(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> list[str]:
@@ -115,7 +115,7 @@ def _preferred(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) ->
 
 
 @custom_op("effkern::gqa_decode")
-def gqa_decode_op(
+def op(
     q: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
@@ -141,7 +141,7 @@ def gqa_decode_op(
     return _backend.run("gqa_decode", q.device, _preferred(q, k_cache, v_cache), _IMPLS, *args)
 
 
-@gqa_decode_op.register_fake
+@op.register_fake
 def _(q, k_cache, v_cache, seq_lens, kv_start, cos, sin, q_proj, scale, softcap, rope_style, rotary_dim):
     return q.new_empty((q.shape[0], q.shape[1], v_cache.shape[-1]))
 
@@ -206,18 +206,9 @@ def gqa_decode(
         raise ValueError(f"k_cache's head dim Dk={dk} differs from q's D={d}; pass q_proj [Hq, D, Dk]")
     if softcap is not None and not softcap > 0:
         raise ValueError(f"softcap must be > 0 (or None to disable), got {softcap}")
-    cos = sin = None
-    rotary_dim, style = 0, 0
-    if rope is not None:
-        if positions is None:
-            positions = (seq_lens.long() - 1).clamp_min(0)
-        else:
-            check_tensor("positions", positions, ndim=1, dtypes=INDEX_DTYPES, device=dev, shape=(b,), dims="[B]")
-            check_index_range("positions", positions, 0, 2**31 - 1, "non-negative positions")
-        rotary_dim, style = rope.dim(d), STYLES[rope.style]
-        cos, sin = rope.cos_sin(positions, d)
+    cos, sin, style, rotary_dim = rope_args(rope, positions, lambda: (seq_lens.long() - 1).clamp_min(0), b, d, dev)
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    return gqa_decode_op(
+    return op(
         q.contiguous(), k_cache, v_cache, seq_lens.to(torch.int32), kv_start, cos, sin, q_proj, scale,
         float(softcap or 0.0), style, rotary_dim,
     )

@@ -27,10 +27,11 @@ from effkern.ops._checks import (
     native,
 )
 from effkern.ops._device_errors import guarded
-from effkern.ops.rope import STYLES, Rope, apply_rope, check_tables
+from effkern.ops._op import custom_op
+from effkern.ops.rope import Rope, apply_rope, check_tables, rope_args
 
 
-def kv_append_reference(
+def reference(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     k: torch.Tensor,
@@ -44,7 +45,7 @@ def kv_append_reference(
 ) -> None:
     """Ground truth on normalised arguments (see :func:`kv_append`)."""
     b, hkv, s_max = k_cache.shape[:3]
-    check_index_range("slots", slots, 0, s_max - 1, f"cache length S_max={s_max}")
+    check_slots(slots, s_max)
     check_tables(cos, sin, b, rotary_dim)
     kf = k.to(acc_dtype(k))
     if rotary_dim:
@@ -55,6 +56,11 @@ def kv_append_reference(
     idx = slots.long()
     k_cache[rows, :, idx] = kf.to(k_cache.dtype)
     v_cache[rows, :, idx] = v.to(v_cache.dtype)
+
+
+def check_slots(slots: torch.Tensor, s_max: int) -> None:
+    """0 <= slots < S_max for every sequence (a host sync on CUDA; skipped while compiling)."""
+    check_index_range("slots", slots, 0, s_max - 1, f"cache length S_max={s_max}")
 
 
 def _cpu(*args):
@@ -73,11 +79,15 @@ def _triton(*args):
     kv_append_triton(*args)
 
 
-_IMPLS = {"reference": kv_append_reference, "cpu": _cpu, "cuda": _cuda, "triton": _triton}
+_IMPLS = {"reference": reference, "cpu": _cpu, "cuda": _cuda, "triton": _triton}
 
 
-@torch.library.custom_op("effkern::kv_append", mutates_args=("k_cache", "v_cache"))
-def kv_append_op(
+def _preferred(k: torch.Tensor) -> list[str]:
+    return native(k, ["cpu"] if k.device.type == "cpu" else ["cuda", "triton"])
+
+
+@custom_op("effkern::kv_append", mutates_args=("k_cache", "v_cache"))
+def op(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     k: torch.Tensor,
@@ -92,12 +102,11 @@ def kv_append_op(
     """The registered op on normalised arguments: k, v contiguous, slots int32, cos/sin fp32 [B, R/2] or
     None, k_proj fp32 [Hkv, g*D, Dk] or None, rotary_dim 0 = no RoPE. Each backend's launcher checks shapes and
     slots again (compiled graphs and torch.ops callers reach it without the entry point's checks)."""
-    preferred = native(k, ["cpu"] if k.device.type == "cpu" else ["cuda", "triton"])
     args = (k_cache, v_cache, k, v, slots, cos, sin, k_proj, rope_style, rotary_dim)
-    _backend.run("kv_append", k.device, preferred, _IMPLS, *args)
+    _backend.run("kv_append", k.device, _preferred(k), _IMPLS, *args)
 
 
-@kv_append_op.register_fake
+@op.register_fake
 def _(k_cache, v_cache, k, v, slots, cos, sin, k_proj, rope_style, rotary_dim):
     return None
 
@@ -146,16 +155,6 @@ def kv_append(
     elif (hk, d) != (hkv, dk):
         raise ValueError(f"k [B, Hk={hk}, D={d}] must match k_cache's (Hkv={hkv}, Dk={dk}) without k_proj")
     check_tensor("slots", slots, ndim=1, dtypes=INDEX_DTYPES, device=dev, shape=(b,), dims="[B]")
-    check_index_range("slots", slots, 0, s_max - 1, f"cache length S_max={s_max}")
-    cos = sin = None
-    rotary_dim, style = 0, 0
-    if rope is not None:
-        if positions is None:
-            positions = slots
-        else:
-            check_tensor("positions", positions, ndim=1, dtypes=INDEX_DTYPES, device=dev, shape=(b,), dims="[B]")
-            check_index_range("positions", positions, 0, 2**31 - 1, "non-negative positions")
-        rotary_dim, style = rope.dim(d), STYLES[rope.style]
-        cos, sin = rope.cos_sin(positions, d)
-    kv_append_op(k_cache, v_cache, k.contiguous(), v.contiguous(), slots.to(torch.int32), cos, sin, k_proj,
-                 style, rotary_dim)
+    check_slots(slots, s_max)
+    cos, sin, style, rotary_dim = rope_args(rope, positions, lambda: slots, b, d, dev)
+    op(k_cache, v_cache, k.contiguous(), v.contiguous(), slots.to(torch.int32), cos, sin, k_proj, style, rotary_dim)

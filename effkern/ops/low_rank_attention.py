@@ -29,6 +29,8 @@ from effkern.ops import _backend
 from effkern.ops._checks import FLOAT_DTYPES, acc_dtype, check_int, check_same_dtype, check_tensor, native
 from effkern.ops._op import custom_op, register_autograd
 
+CUDA_MAX_HEAD_DIM = 128  # csrc/cuda/low_rank_attention.cuh: kLowRankAttnMaxHeadDim
+
 
 def _heads(t: torch.Tensor, heads: int) -> torch.Tensor:
     """[K, B, N, H dh] -> fp32 (float64 for float64 t) [K, B, H, N, dh]."""
@@ -47,7 +49,7 @@ def _merge_heads(t: torch.Tensor) -> torch.Tensor:
     return t.transpose(2, 3).reshape(kk, b, n, h * dh)
 
 
-def core_reference(qkv: torch.Tensor, heads: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def reference(qkv: torch.Tensor, heads: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Ground truth of the core: ``(out [K, B, N, r] in qkv's dtype, lse fp32 [K, B, H, N])``."""
     q, k, v = _split_heads(qkv, heads)
     logits = q @ k.transpose(-1, -2) * scale
@@ -56,7 +58,7 @@ def core_reference(qkv: torch.Tensor, heads: int, scale: float) -> tuple[torch.T
     return _merge_heads(out).to(qkv.dtype), lse
 
 
-def core_bwd_reference(qkv, out, lse, dout, heads: int, scale: float) -> torch.Tensor:
+def bwd_reference(qkv, out, lse, dout, heads: int, scale: float) -> torch.Tensor:
     """dqkv from the saved forward: P = exp(S - lse), dV = P^T dO, dS = P (dO V^T - rowsum(dO O)),
     dQ = scale dS K, dK = scale dS^T Q."""
     q, k, v = _split_heads(qkv, heads)
@@ -67,15 +69,23 @@ def core_bwd_reference(qkv, out, lse, dout, heads: int, scale: float) -> torch.T
     return torch.cat([_merge_heads(g) for g in grads], -1).to(qkv.dtype)
 
 
-def _native_fwd(qkv, heads, scale):
-    return tuple(getattr(_backend.extension(), f"low_rank_attention_fwd_{qkv.device.type}")(qkv, heads, scale))
+def _cpu(qkv, heads, scale):
+    return tuple(_backend.extension().low_rank_attention_fwd_cpu(qkv, heads, scale))
 
 
-def _native_bwd(qkv, *args):
-    return getattr(_backend.extension(), f"low_rank_attention_bwd_{qkv.device.type}")(qkv, *args)
+def _cuda(qkv, heads, scale):
+    return tuple(_backend.extension().low_rank_attention_fwd_cuda(qkv, heads, scale))
 
 
-def _triton_fwd(*args):
+def _cpu_bwd(*args):
+    return _backend.extension().low_rank_attention_bwd_cpu(*args)
+
+
+def _cuda_bwd(*args):
+    return _backend.extension().low_rank_attention_bwd_cuda(*args)
+
+
+def _triton(*args):
     from effkern.triton_kernels.low_rank_attention import low_rank_attention_fwd_triton
 
     return low_rank_attention_fwd_triton(*args)
@@ -87,9 +97,8 @@ def _triton_bwd(*args):
     return low_rank_attention_bwd_triton(*args)
 
 
-_FWD = {"reference": core_reference, "cpu": _native_fwd, "cuda": _native_fwd, "triton": _triton_fwd}
-_BWD = {"reference": core_bwd_reference, "cpu": _native_bwd, "cuda": _native_bwd, "triton": _triton_bwd}
-CUDA_MAX_HEAD_DIM = 128  # csrc/cuda/low_rank_attention.cuh: kLowRankAttnMaxHeadDim
+_IMPLS = {"reference": reference, "cpu": _cpu, "cuda": _cuda, "triton": _triton}
+_BWD_IMPLS = {"reference": bwd_reference, "cpu": _cpu_bwd, "cuda": _cuda_bwd, "triton": _triton_bwd}
 
 
 def _preferred(qkv: torch.Tensor, heads: int) -> list[str]:
@@ -99,27 +108,27 @@ def _preferred(qkv: torch.Tensor, heads: int) -> list[str]:
 
 
 @custom_op("effkern::low_rank_attention_core")
-def core_op(qkv: torch.Tensor, heads: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def op(qkv: torch.Tensor, heads: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention inside the low-rank space: qkv [K, B, N, 3r] (any strides, contiguous last dim) ->
     (out [K, B, N, r], lse fp32 [K, B, H, N])."""
-    return _backend.run("low_rank_attention", qkv.device, _preferred(qkv, heads), _FWD, qkv, heads, scale)
+    return _backend.run("low_rank_attention", qkv.device, _preferred(qkv, heads), _IMPLS, qkv, heads, scale)
 
 
-@core_op.register_fake
+@op.register_fake
 def _(qkv, heads, scale):
     kk, b, n, three_r = qkv.shape
     return qkv.new_empty((kk, b, n, three_r // 3)), qkv.new_empty((kk, b, heads, n), dtype=acc_dtype(qkv))
 
 
 @custom_op("effkern::low_rank_attention_core_bwd")
-def core_bwd_op(qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, dout: torch.Tensor, heads: int,
-                scale: float) -> torch.Tensor:
+def bwd_op(qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, dout: torch.Tensor, heads: int,
+           scale: float) -> torch.Tensor:
     """dqkv [K, B, N, 3r] (contiguous) of the core from its saved forward and dout [K, B, N, r] (contiguous)."""
-    return _backend.run("low_rank_attention", qkv.device, _preferred(qkv, heads), _BWD, qkv, out, lse, dout, heads,
-                        scale)
+    return _backend.run("low_rank_attention", qkv.device, _preferred(qkv, heads), _BWD_IMPLS, qkv, out, lse, dout,
+                        heads, scale)
 
 
-@core_bwd_op.register_fake
+@bwd_op.register_fake
 def _(qkv, out, lse, dout, heads, scale):
     return qkv.new_empty(qkv.shape)
 
@@ -134,10 +143,10 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dout, _dlse):
     qkv, out, lse = ctx.saved_tensors
-    return core_bwd_op(qkv, out, lse, dout.contiguous(), ctx.heads, ctx.scale), None, None
+    return bwd_op(qkv, out, lse, dout.contiguous(), ctx.heads, ctx.scale), None, None
 
 
-_differentiable = register_autograd(core_op, _backward, _setup_context)
+_differentiable = register_autograd(op, _backward, _setup_context)
 
 
 def check_weights(x: torch.Tensor, w_qkv: torch.Tensor, w_o: torch.Tensor, heads: int,

@@ -20,9 +20,12 @@ from __future__ import annotations
 import torch
 
 from effkern.ops._checks import FLOAT_DTYPES, check_same_dtype, check_tensor
-from effkern.ops.low_rank_attention import check_weights, core_bwd_op, core_op, down_projection
+from effkern.ops.low_rank_attention import bwd_op as core_bwd_op
+from effkern.ops.low_rank_attention import check_weights, down_projection
+from effkern.ops.low_rank_attention import op as core_op
 from effkern.ops.residual_layer_norm import bwd_op as rln_bwd_op
-from effkern.ops.residual_layer_norm import fwd_op as rln_fwd_op
+from effkern.ops.residual_layer_norm import check_eps
+from effkern.ops.residual_layer_norm import op as rln_op
 
 
 class _Block(torch.autograd.Function):
@@ -30,7 +33,7 @@ class _Block(torch.autograd.Function):
     def forward(ctx, u, z, w_qkv, w_o, heads, scale, eps):
         kk, r, d = w_o.shape
         b, n, _ = z.shape
-        h, x, rstd = rln_fwd_op(u, z, eps)
+        h, x, rstd = rln_op(u, z, eps)
         qkv = down_projection(x, w_qkv)
         out, lse = core_op(qkv, heads, scale)
         out3 = out.reshape(kk, b * n, r)
@@ -103,6 +106,4 @@ def low_rank_attention_block(
     if u.shape not in (z.shape, (kk, *z.shape)):
         raise ValueError(f"u must be [K, B, N, d] = {(kk, *z.shape)} or [B, N, d] = {tuple(z.shape)}, got "
                          f"{tuple(u.shape)}")
-    if not eps > 0:
-        raise ValueError(f"eps must be > 0, got {eps}")
-    return _Block.apply(u.contiguous(), z.contiguous(), w_qkv, w_o, heads, scale, float(eps))
+    return _Block.apply(u.contiguous(), z.contiguous(), w_qkv, w_o, heads, scale, check_eps(eps))

@@ -33,6 +33,7 @@ from effkern.ops._device_errors import guarded
 from effkern.ops._op import custom_op, register_autograd
 
 MODES = ("sum", "mean")
+CUDA_MAX_RANK = 32  # csrc/cuda/low_rank_embedding.cuh: kLowRankEmbeddingMaxRank
 
 
 def bag_rows(ids: torch.Tensor, offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,12 +88,12 @@ def bwd_reference(ids, table, offsets, u, mu, g, mean: bool):
     return _grads(bags, table, u, mu, g, de)
 
 
-def _cpu_fwd(ids, table, offsets, u, mu, mean):
+def _cpu(ids, table, offsets, u, mu, mean):
     return _backend.extension().low_rank_embedding_fwd_cpu(ids, table, offsets, u.contiguous(), mu.contiguous(), mean)
 
 
 @guarded
-def _cuda_fwd(ids, table, offsets, u, mu, mean, err):
+def _cuda(ids, table, offsets, u, mu, mean, err):
     return _backend.extension().low_rank_embedding_fwd_cuda(ids, table, offsets, u.contiguous(), mu.contiguous(),
                                                             mean, err)
 
@@ -107,7 +108,7 @@ def _cuda_bwd(ids, table, offsets, u, mu, g, mean):
 
 
 @guarded
-def _triton_fwd(*args):
+def _triton(*args):
     from effkern.triton_kernels.low_rank_embedding import low_rank_embedding_fwd_triton
 
     return low_rank_embedding_fwd_triton(*args)
@@ -120,9 +121,8 @@ def _triton_bwd(ids, table, offsets, u, mu, g, mean):
     return _grads(_bags(ids, table, offsets, mean), table, u, mu, g, de)
 
 
-_FWD = {"reference": reference, "cpu": _cpu_fwd, "cuda": _cuda_fwd, "triton": _triton_fwd}
-_BWD = {"reference": bwd_reference, "cpu": _cpu_bwd, "cuda": _cuda_bwd, "triton": _triton_bwd}
-CUDA_MAX_RANK = 32  # csrc/cuda/low_rank_embedding.cuh: kLowRankEmbeddingMaxRank
+_IMPLS = {"reference": reference, "cpu": _cpu, "cuda": _cuda, "triton": _triton}
+_BWD_IMPLS = {"reference": bwd_reference, "cpu": _cpu_bwd, "cuda": _cuda_bwd, "triton": _triton_bwd}
 
 
 def _preferred(table: torch.Tensor) -> list[str]:
@@ -132,14 +132,14 @@ def _preferred(table: torch.Tensor) -> list[str]:
 
 
 @custom_op("effkern::low_rank_embedding")
-def fwd_op(ids: torch.Tensor, table: torch.Tensor, offsets: torch.Tensor, u: torch.Tensor, mu: torch.Tensor,
-           mean: bool) -> torch.Tensor:
+def op(ids: torch.Tensor, table: torch.Tensor, offsets: torch.Tensor, u: torch.Tensor, mu: torch.Tensor,
+       mean: bool) -> torch.Tensor:
     """ids int64 [B, F, L] (-1 = padding), table contiguous [V, k], offsets int64 [F], u [F, d, k], mu [F, d]."""
-    return _backend.run("low_rank_embedding", table.device, _preferred(table), _FWD, ids, table, offsets, u, mu,
+    return _backend.run("low_rank_embedding", table.device, _preferred(table), _IMPLS, ids, table, offsets, u, mu,
                         mean)
 
 
-@fwd_op.register_fake
+@op.register_fake
 def _(ids, table, offsets, u, mu, mean):
     return table.new_empty((ids.shape[0], ids.shape[1], u.shape[1]))
 
@@ -148,8 +148,8 @@ def _(ids, table, offsets, u, mu, mean):
 def bwd_op(ids: torch.Tensor, table: torch.Tensor, offsets: torch.Tensor, u: torch.Tensor, mu: torch.Tensor,
            g: torch.Tensor, mean: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dtable, du, dmu) from g = dL/dout (contiguous [B, F, d])."""
-    return _backend.run("low_rank_embedding", table.device, _preferred(table), _BWD, ids, table, offsets, u, mu, g,
-                        mean)
+    return _backend.run("low_rank_embedding", table.device, _preferred(table), _BWD_IMPLS, ids, table, offsets, u, mu,
+                        g, mean)
 
 
 @bwd_op.register_fake
@@ -169,7 +169,7 @@ def _backward(ctx, g):
     return None, dtable, None, du, dmu, None
 
 
-_differentiable = register_autograd(fwd_op, _backward, _setup_context)
+_differentiable = register_autograd(op, _backward, _setup_context)
 
 
 def low_rank_embedding(ids: torch.Tensor, table: torch.Tensor, offsets: torch.Tensor, u: torch.Tensor,

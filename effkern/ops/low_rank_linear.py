@@ -11,7 +11,7 @@ Fused: the rank-r hidden layer is never written to memory. The C++ CPU kernel ru
 rows of x held in fp32 registers/L1 (its own AVX-512 / AVX2 micro-kernels on weights packed once per call), the bias
 and activation applied in registers between them and the output's bias and ReLU as it is stored (streaming stores
 from a 1 MiB output on); a forward of up to 4 rows (32 when u and v take 1 MiB or more) runs as dot products
-straight from u and v instead, packing nothing (csrc/cpu/low_rank_linear.h has the measurements); its backward
+straight from u and v instead, packing nothing (measured: README "Backends"); its backward
 recomputes the hidden layer per tile (one extra rank-r product instead of storing it), applies the output ReLU's
 backward as it reads g and accumulates the weight gradients per thread. On CUDA tensors: ranks up to 64 run the CUDA
 kernels (a block of 64 rows holds the whole hidden tile in shared memory, fp32 FMAs), larger ranks the Triton
@@ -27,11 +27,12 @@ import torch
 import torch.nn.functional as F
 
 from effkern.ops import _backend
-from effkern.ops._checks import FLOAT_DTYPES, acc_dtype, check_same_dtype, check_tensor, native
+from effkern.ops._checks import FLOAT_DTYPES, acc_dtype, check_tensor, native
 from effkern.ops._op import custom_op, register_autograd
 
 ACTIVATIONS = ("none", "relu", "gelu")  # the kernels' act codes are the indices
 OUT_ACTIVATIONS = ("none", "relu")  # out_act codes, the same way
+CUDA_MAX_RANK = 64  # csrc/cuda/low_rank_linear.cuh: kLowRankLinearMaxRank
 
 
 def _act(t: torch.Tensor, act: int) -> torch.Tensor:
@@ -48,8 +49,6 @@ def _act_grad(t: torch.Tensor, act: int) -> torch.Tensor:
 
 
 def _hidden(x, u, b1, act):
-    if b1 is not None and b1.shape != u.shape[:1]:  # F.linear would broadcast a wrong length silently
-        raise ValueError(f"b1 must be [r] = [{u.shape[0]}], got {tuple(b1.shape)}")
     acc = acc_dtype(x)
     t = F.linear(x.to(acc), u.to(acc), None if b1 is None else b1.to(acc))
     return t, _act(t, act)
@@ -57,9 +56,8 @@ def _hidden(x, u, b1, act):
 
 def reference(x, u, b1, v, b2, act: int, out_act: int) -> torch.Tensor:
     """Ground truth: ``y [M, d_out]`` in x's dtype."""
+    check_biases(x, b1, u.shape[0], b2, v.shape[0])
     _, a = _hidden(x, u, b1, act)
-    if b2 is not None and b2.shape != v.shape[:1]:
-        raise ValueError(f"b2 must be [d_out] = [{v.shape[0]}], got {tuple(b2.shape)}")
     return _act(F.linear(a, v.to(a.dtype), None if b2 is None else b2.to(a.dtype)), out_act).to(x.dtype)
 
 
@@ -71,6 +69,7 @@ def _masked(g, y):
 def bwd_reference(x, u, b1, v, g, y, act: int):
     """``(dx, du, db1, dv, db2)`` in the inputs' dtype: with g zeroed where y <= 0 when y (the relu'd output) is given,
     dt = (g V) * act'(t), dx = dt U, dU = dt^T x, dV = g^T act(t), db1 = sum dt, db2 = sum g."""
+    check_biases(x, b1, u.shape[0], None, v.shape[0])
     t, a = _hidden(x, u, b1, act)
     gf = _masked(g, y).to(t.dtype)
     dt = (gf @ v.to(t.dtype)) * _act_grad(t, act)
@@ -78,11 +77,11 @@ def bwd_reference(x, u, b1, v, g, y, act: int):
     return tuple(t.to(x.dtype) for t in grads)
 
 
-def _cpu_fwd(x, u, b1, v, b2, act, out_act):  # the C++ CPU kernels pack the weights from any strides
+def _cpu(x, u, b1, v, b2, act, out_act):  # the C++ CPU kernels pack the weights from any strides
     return _backend.extension().low_rank_linear_fwd_cpu(x, u, b1, v, b2, act, out_act)
 
 
-def _cuda_fwd(x, u, b1, v, b2, act, out_act):
+def _cuda(x, u, b1, v, b2, act, out_act):
     return _backend.extension().low_rank_linear_fwd_cuda(x, u.contiguous(), b1, v.contiguous(), b2, act, out_act)
 
 
@@ -107,7 +106,7 @@ def _cuda_dx(x, u, b1, v, g, act):
     return _backend.extension().low_rank_linear_bwd_cuda(x, u.contiguous(), b1, v.contiguous(), g, act)
 
 
-def _triton_fwd(*args):
+def _triton(*args):
     from effkern.triton_kernels.low_rank_linear import low_rank_linear_fwd_triton
 
     return low_rank_linear_fwd_triton(*args)
@@ -119,9 +118,9 @@ def _triton_dx(*args):
     return low_rank_linear_bwd_triton(*args)
 
 
-_FWD = {"reference": reference, "cpu": _cpu_fwd, "cuda": _cuda_fwd, "triton": _triton_fwd}
-_BWD = {"reference": bwd_reference, "cpu": _cpu_bwd, "cuda": _gpu_bwd(_cuda_dx), "triton": _gpu_bwd(_triton_dx)}
-CUDA_MAX_RANK = 64  # csrc/cuda/low_rank_linear.cuh: kLowRankLinearMaxRank
+_cuda_bwd, _triton_bwd = _gpu_bwd(_cuda_dx), _gpu_bwd(_triton_dx)
+_IMPLS = {"reference": reference, "cpu": _cpu, "cuda": _cuda, "triton": _triton}
+_BWD_IMPLS = {"reference": bwd_reference, "cpu": _cpu_bwd, "cuda": _cuda_bwd, "triton": _triton_bwd}
 
 
 def _preferred(x: torch.Tensor, u: torch.Tensor) -> list[str]:
@@ -131,13 +130,13 @@ def _preferred(x: torch.Tensor, u: torch.Tensor) -> list[str]:
 
 
 @custom_op("effkern::low_rank_linear")
-def fwd_op(x: torch.Tensor, u: torch.Tensor, b1: torch.Tensor | None, v: torch.Tensor, b2: torch.Tensor | None,
-           act: int, out_act: int) -> torch.Tensor:
+def op(x: torch.Tensor, u: torch.Tensor, b1: torch.Tensor | None, v: torch.Tensor, b2: torch.Tensor | None,
+       act: int, out_act: int) -> torch.Tensor:
     """x contiguous [M, d_in] -> y [M, d_out]."""
-    return _backend.run("low_rank_linear", x.device, _preferred(x, u), _FWD, x, u, b1, v, b2, act, out_act)
+    return _backend.run("low_rank_linear", x.device, _preferred(x, u), _IMPLS, x, u, b1, v, b2, act, out_act)
 
 
-@fwd_op.register_fake
+@op.register_fake
 def _(x, u, b1, v, b2, act, out_act):
     return x.new_empty((x.shape[0], v.shape[0]))
 
@@ -148,7 +147,7 @@ def bwd_op(x: torch.Tensor, u: torch.Tensor, b1: torch.Tensor | None, v: torch.T
                                                       torch.Tensor]:
     """(dx, du, db1, dv, db2) from x, the weights and g = dL/dy (contiguous [M, d_out]); y, the forward's output when
     it was relu'd (else None), zeroes g where y <= 0 (the C++ CPU kernel in the same pass, the GPU backends first)."""
-    return _backend.run("low_rank_linear", x.device, _preferred(x, u), _BWD, x, u, b1, v, g, y, act)
+    return _backend.run("low_rank_linear", x.device, _preferred(x, u), _BWD_IMPLS, x, u, b1, v, g, y, act)
 
 
 @bwd_op.register_fake
@@ -169,47 +168,59 @@ def _backward(ctx, g):
     return dx, du, db1 if b1 is not None else None, dv, db2 if ctx.has_b2 else None, None, None
 
 
-_differentiable = register_autograd(fwd_op, _backward, _setup_context)
+_differentiable = register_autograd(op, _backward, _setup_context)
 
 
-def _check(x, u, v, b1, b2, activation, out_activation) -> None:
-    """The entry point's argument checks; the first failing one raises, naming the argument and the expectation."""
-    check_tensor("x", x, dtypes=FLOAT_DTYPES, dims="[..., d_in]")
+def check_biases(x: torch.Tensor, b1: torch.Tensor | None, r: int, b2: torch.Tensor | None, d_out: int) -> None:
+    """b1 ``[r]`` and b2 ``[d_out]``, each None or a tensor of x's dtype and device (the entry point's check, and the
+    references': torch.ops callers reach them without the entry point, and F.linear would broadcast a wrong length)."""
+    for name, b, n in (("b1", b1, r), ("b2", b2, d_out)):
+        if b is None:
+            continue
+        if not isinstance(b, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor [{n}] or None, got {type(b).__name__}")
+        if b.dim() != 1:
+            raise ValueError(f"{name} must be 1-D [{n}], got shape {tuple(b.shape)}")
+        if b.shape[0] != n:
+            raise ValueError(f"{name} [{n}] must have size {n} in dim 0, got shape {tuple(b.shape)}")
+        if b.device != x.device:
+            raise ValueError(f"{name} must be on {x.device} like the other inputs, got {b.device}")
+        if b.dtype != x.dtype:
+            raise TypeError(f"{name} must have the same dtype as x ({x.dtype}), got {b.dtype}")
+
+
+def check_args(x, u, v, b1, b2, activation, out_activation) -> None:
+    """The entry point's argument checks; the first failing one raises, naming the argument and the expectation.
+    Each is a plain condition written once (not :func:`~effkern.ops._checks.check_tensor`): they run on every eager
+    call, where the generic helpers cost a large part of a few-row call (measured: README "Backends")."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor [..., d_in], got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        check_tensor("x", x, dtypes=FLOAT_DTYPES)  # raises, listing the dtypes
     if x.dim() == 0:
         raise ValueError("x must be [..., d_in], got a scalar")
-    d_in = x.shape[-1]
-    check_tensor("u", u, ndim=2, device=x.device, shape=(None, d_in), dims="[r, d_in]")
-    check_same_dtype("u", u, "x", x)
-    r = u.shape[0]
-    check_tensor("v", v, ndim=2, device=x.device, shape=(None, r), dims="[d_out, r]")
-    check_same_dtype("v", v, "x", x)
-    if min(r, d_in, v.shape[0]) == 0:
+    for name, t, dims in (("u", u, "[r, d_in]"), ("v", v, "[d_out, r]")):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor {dims}, got {type(t).__name__}")
+        if t.dim() != 2:
+            raise ValueError(f"{name} must be 2-D {dims}, got shape {tuple(t.shape)}")
+        if t.device != x.device:
+            raise ValueError(f"{name} must be on {x.device} like the other inputs, got {t.device}")
+        if t.dtype != x.dtype:
+            raise TypeError(f"{name} must have the same dtype as x ({x.dtype}), got {t.dtype}")
+    (r, d_in), d_out = u.shape, v.shape[0]
+    if d_in != x.shape[-1]:
+        raise ValueError(f"u [r, d_in] must have size {x.shape[-1]} in dim 1, got shape {tuple(u.shape)}")
+    if v.shape[1] != r:
+        raise ValueError(f"v [d_out, r] must have size {r} in dim 1, got shape {tuple(v.shape)}")
+    if not (r and d_in and d_out):
         raise ValueError(f"r, d_in and d_out must be >= 1, got u {tuple(u.shape)} and v {tuple(v.shape)}")
-    for name, b, n in (("b1", b1, r), ("b2", b2, v.shape[0])):
-        if b is not None:
-            check_tensor(name, b, ndim=1, device=x.device, shape=(n,), dims=f"[{n}]")
-            check_same_dtype(name, b, "x", x)
+    if b1 is not None or b2 is not None:
+        check_biases(x, b1, r, b2, d_out)
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     if out_activation not in OUT_ACTIVATIONS:
         raise ValueError(f"out_activation must be one of {OUT_ACTIVATIONS}, got {out_activation!r}")
-
-
-def _valid_at_a_glance(x, u, v, b1, b2, activation, out_activation) -> bool:
-    """True only when every check of :func:`_check` passes, tested in one expression (False may also mean an
-    unusual valid case: :func:`_check` then decides). Right after a large kernel, with the caches cold, the checks
-    took ~28 us a call, this ~6 us (measured on the CPU VM)."""
-    T = torch.Tensor
-    if not (isinstance(x, T) and isinstance(u, T) and isinstance(v, T) and x.dim() >= 1 and u.dim() == 2
-            and v.dim() == 2):
-        return False
-    dtype, device, (r, d_in), d_out = x.dtype, x.device, u.shape, v.shape[0]
-    return (dtype in FLOAT_DTYPES and u.dtype == dtype and v.dtype == dtype and u.device == device
-            and v.device == device and x.shape[-1] == d_in and v.shape[1] == r and r > 0 and d_in > 0 and d_out > 0
-            and (b1 is None or (isinstance(b1, T) and b1.shape == (r,) and b1.dtype == dtype and b1.device == device))
-            and (b2 is None or (isinstance(b2, T) and b2.shape == (d_out,) and b2.dtype == dtype
-                                and b2.device == device))
-            and activation in ACTIVATIONS and out_activation in OUT_ACTIVATIONS)
 
 
 def low_rank_linear(x: torch.Tensor, u: torch.Tensor, v: torch.Tensor, b1: torch.Tensor | None = None,
@@ -228,8 +239,7 @@ def low_rank_linear(x: torch.Tensor, u: torch.Tensor, v: torch.Tensor, b1: torch
     Returns:
         ``[..., d_out]`` in x's dtype. Differentiable in x, u, v and the biases.
     """
-    if not _valid_at_a_glance(x, u, v, b1, b2, activation, out_activation):
-        _check(x, u, v, b1, b2, activation, out_activation)
+    check_args(x, u, v, b1, b2, activation, out_activation)
     d_in = x.shape[-1]
     if b1 is not None:  # the kernels read the biases densely
         b1 = b1.contiguous()

@@ -44,15 +44,15 @@ def bwd_reference(x: torch.Tensor, rstd: torch.Tensor, dh: torch.Tensor, dx: tor
     return (dh.to(acc) + rstd[..., None] * dn).to(x.dtype)
 
 
-def _native_fwd(u, z, eps):
+def _cpu(u, z, eps):
     return tuple(_backend.extension().residual_layer_norm_fwd_cpu(u, z, eps))
 
 
-def _native_bwd(x, rstd, dh, dx):
+def _cpu_bwd(x, rstd, dh, dx):
     return _backend.extension().residual_layer_norm_bwd_cpu(x, rstd, dh, dx)
 
 
-def _triton_fwd(u, z, eps):
+def _triton(u, z, eps):
     from effkern.triton_kernels.residual_layer_norm import residual_layer_norm_fwd_triton
 
     return residual_layer_norm_fwd_triton(u, z, eps)
@@ -64,8 +64,8 @@ def _triton_bwd(x, rstd, dh, dx):
     return residual_layer_norm_bwd_triton(x, rstd, dh, dx)
 
 
-_FWD = {"reference": reference, "cpu": _native_fwd, "triton": _triton_fwd}
-_BWD = {"reference": bwd_reference, "cpu": _native_bwd, "triton": _triton_bwd}
+_IMPLS = {"reference": reference, "cpu": _cpu, "triton": _triton}
+_BWD_IMPLS = {"reference": bwd_reference, "cpu": _cpu_bwd, "triton": _triton_bwd}
 
 
 def _preferred(t: torch.Tensor) -> list[str]:
@@ -73,12 +73,12 @@ def _preferred(t: torch.Tensor) -> list[str]:
 
 
 @custom_op("effkern::residual_layer_norm")
-def fwd_op(u: torch.Tensor, z: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def op(u: torch.Tensor, z: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """u contiguous ``[..., d]``, z contiguous with ``u.shape[-z.dim():] == z.shape`` -> (h, x, rstd)."""
-    return _backend.run("residual_layer_norm", u.device, _preferred(u), _FWD, u, z, eps)
+    return _backend.run("residual_layer_norm", u.device, _preferred(u), _IMPLS, u, z, eps)
 
 
-@fwd_op.register_fake
+@op.register_fake
 def _(u, z, eps):
     return torch.empty_like(u), torch.empty_like(u), u.new_empty(u.shape[:-1], dtype=acc_dtype(u))
 
@@ -86,7 +86,7 @@ def _(u, z, eps):
 @custom_op("effkern::residual_layer_norm_bwd")
 def bwd_op(x: torch.Tensor, rstd: torch.Tensor, dh: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
     """du (contiguous, x's shape) from contiguous x, rstd, dh and dx."""
-    return _backend.run("residual_layer_norm", x.device, _preferred(x), _BWD, x, rstd, dh, dx)
+    return _backend.run("residual_layer_norm", x.device, _preferred(x), _BWD_IMPLS, x, rstd, dh, dx)
 
 
 @bwd_op.register_fake
@@ -109,7 +109,14 @@ def _backward(ctx, dh, dx, _drstd):
     return du, dz, None
 
 
-_differentiable = register_autograd(fwd_op, _backward, _setup_context)
+_differentiable = register_autograd(op, _backward, _setup_context)
+
+
+def check_eps(eps: float) -> float:
+    """LayerNorm's epsilon, > 0, as a Python float."""
+    if not eps > 0:
+        raise ValueError(f"eps must be > 0, got {eps}")
+    return float(eps)
 
 
 def residual_layer_norm(u: torch.Tensor, z: torch.Tensor, eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,7 +138,5 @@ def residual_layer_norm(u: torch.Tensor, z: torch.Tensor, eps: float = 1e-5) -> 
     if z.dim() == 0 or z.dim() > u.dim() or z.shape != u.shape[u.dim() - z.dim():]:
         raise ValueError(f"z must have u's trailing dims {tuple(u.shape[-max(z.dim(), 1):])} (u is "
                          f"{tuple(u.shape)}), got {tuple(z.shape)}")
-    if not eps > 0:
-        raise ValueError(f"eps must be > 0, got {eps}")
-    h, x, _ = _differentiable(u.contiguous(), z.contiguous(), float(eps))
+    h, x, _ = _differentiable(u.contiguous(), z.contiguous(), check_eps(eps))
     return h, x

@@ -8,9 +8,12 @@ a plain theta, any pre-scaled ``inv_freq`` (e.g. HF's llama3 / linear / dynamic 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
+from effkern.ops._checks import INDEX_DTYPES, check_index_range, check_tensor
 
 STYLES = {"half": 0, "interleaved": 1}
 
@@ -73,6 +76,22 @@ class Rope:
         if self.scaling != 1.0:
             cos, sin = cos * self.scaling, sin * self.scaling
         return cos.contiguous(), sin.contiguous()
+
+
+def rope_args(rope: Rope | None, positions: torch.Tensor | None, default: Callable[[], torch.Tensor], batch: int,
+              head_dim: int, device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor | None, int, int]:
+    """An entry point's RoPE arguments as the normalised ops take them: ``(cos, sin, style, rotary_dim)`` for one
+    position per sequence, ``(None, None, 0, 0)`` without ``rope``. ``positions`` (``[B]`` non-negative integers,
+    checked) or, when None, ``default()`` (the op's own positions, valid by construction)."""
+    if rope is None:
+        return None, None, 0, 0
+    if positions is None:
+        positions = default()
+    else:
+        check_tensor("positions", positions, ndim=1, dtypes=INDEX_DTYPES, device=device, shape=(batch,), dims="[B]")
+        check_index_range("positions", positions, 0, 2**31 - 1, "non-negative positions")
+    cos, sin = rope.cos_sin(positions, head_dim)
+    return cos, sin, STYLES[rope.style], rope.dim(head_dim)
 
 
 def check_tables(cos: torch.Tensor | None, sin: torch.Tensor | None, batch: int, rotary_dim: int) -> None:

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from effkern.ops import low_rank_attention
 from effkern.ops._backend import BackendUnavailableError
-from effkern.ops.low_rank_attention import core_bwd_reference, core_reference
+from effkern.ops.low_rank_attention import bwd_reference, reference
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 ISAS = supported_cpu_isas()
@@ -44,7 +44,7 @@ def check_cpu(inputs, isas=None, **kwargs):
 
 
 def test_reference_backward_matches_autograd_of_sdpa():
-    """core_bwd_reference's closed-form gradients equal autograd through SDPA (an independent forward)."""
+    """bwd_reference's closed-form gradients equal autograd through SDPA (an independent forward)."""
     g = torch.Generator().manual_seed(0)
     kk, b, n, heads, dh = 2, 3, 37, 2, 5
     qkv = torch.randn(kk, b, n, 3 * heads * dh, generator=g, dtype=torch.float64).float().requires_grad_()
@@ -53,9 +53,9 @@ def test_reference_backward_matches_autograd_of_sdpa():
     out = out.transpose(2, 3).reshape(kk, b, n, heads * dh)
     dout = torch.randn(out.shape, generator=g)
     (expected,) = torch.autograd.grad(out, qkv, dout)
-    ref_out, lse = core_reference(qkv.detach(), heads, 0.3)
+    ref_out, lse = reference(qkv.detach(), heads, 0.3)
     assert_close(ref_out, out.detach())
-    assert_close(core_bwd_reference(qkv.detach(), ref_out, lse, dout, heads, 0.3), expected)
+    assert_close(bwd_reference(qkv.detach(), ref_out, lse, dout, heads, 0.3), expected)
 
 
 pytestmark = requires_ext

@@ -12,7 +12,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from effkern.nn import LowRankLinear
-from effkern.ops import low_rank_linear
+from effkern.ops import kv_append, low_rank_linear
+from effkern.ops._backend import extension, use_backend
 from effkern.ops._op import FUNCTION, IMPL, route
 
 lrl = importlib.import_module("effkern.ops.low_rank_linear")  # the module (the package exports the function)
@@ -38,19 +39,19 @@ class Counting(TorchDispatchMode):
 def op_calls(monkeypatch):
     """Counts the calls that reach the registered custom op of low_rank_linear."""
     calls = []
-    registered = lrl.fwd_op.op
+    registered = lrl.op.registered
 
     def counted(*args):
         calls.append(args)
         return registered(*args)
 
-    monkeypatch.setattr(lrl.fwd_op, "op", counted)
+    monkeypatch.setattr(lrl.op, "registered", counted)
     return calls
 
 
 def test_plain_eager_calls_the_implementation_directly(op_calls):
     x, u, b1, v, b2 = inputs()
-    y = lrl.fwd_op(x, u, b1, v, b2, 0, 1)
+    y = lrl.op(x, u, b1, v, b2, 0, 1)
     assert op_calls == []
     torch.testing.assert_close(y, lrl.reference(x, u, b1, v, b2, 0, 1))
     xg, ug, b1g, vg, b2g = inputs(requires_grad=True)
@@ -60,7 +61,7 @@ def test_plain_eager_calls_the_implementation_directly(op_calls):
 
 def test_the_op_itself_with_grad_goes_through_its_autograd(op_calls):
     x, u, b1, v, b2 = inputs(requires_grad=True)
-    y = lrl.fwd_op(x, u, b1, v, b2, 0, 0)
+    y = lrl.op(x, u, b1, v, b2, 0, 0)
     assert len(op_calls) == 1 and y.grad_fn is not None
     (du,) = torch.autograd.grad(y.sum(), u)
     with torch.no_grad():
@@ -82,10 +83,10 @@ def test_the_profiler_sees_the_ops_by_name():
 def test_modes_and_fake_tensors_go_through_the_op(op_calls):
     x, u, b1, v, b2 = inputs()
     with Counting() as mode:
-        lrl.fwd_op(x, u, b1, v, b2, 0, 0)
+        lrl.op(x, u, b1, v, b2, 0, 0)
     assert len(op_calls) == 1 and "effkern.low_rank_linear.default" in mode.ops
     with FakeTensorMode() as fake:
-        y = lrl.fwd_op(*(fake.from_tensor(t) for t in (x, u, b1, v, b2)), 0, 0)
+        y = lrl.op(*(fake.from_tensor(t) for t in (x, u, b1, v, b2)), 0, 0)
     assert len(op_calls) == 2 and y.shape == (5, 6)
 
 
@@ -110,3 +111,21 @@ def test_jit_trace_and_export_record_the_op():
     y = exported.module()(x)
     assert y.requires_grad
     torch.testing.assert_close(y, layer(x))
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_a_mutating_op_called_directly_bumps_the_version_counters(backend):
+    """kv_append writes its caches in place; called directly (the IMPL route), it bumps their version counters as
+    the registered op would, so autograd still refuses a backward through a cache overwritten since it was saved."""
+    if backend == "cpu" and extension() is None:
+        pytest.skip("effkern._C is not built")
+    k_cache, v_cache = torch.zeros(1, 2, 4, 8), torch.zeros(1, 2, 4, 8)
+    w = torch.ones(8, requires_grad=True)
+    y = (k_cache * w).sum()  # saves k_cache for w's gradient
+    before = (k_cache._version, v_cache._version)
+    assert route([k_cache, v_cache]) == IMPL
+    with use_backend(backend):
+        kv_append(k_cache, v_cache, torch.ones(1, 2, 8), torch.ones(1, 2, 8), torch.tensor([1]))
+    assert k_cache._version > before[0] and v_cache._version > before[1] and k_cache[0, :, 1].eq(1).all()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward()

@@ -18,7 +18,7 @@ import torch  # noqa: E402
 from helpers import TOL, assert_close, env  # noqa: E402
 
 from effkern.ops import _device_errors as dev_err  # noqa: E402
-from effkern.ops.kv_append import kv_append_reference  # noqa: E402
+from effkern.ops.kv_append import reference as kv_append_reference  # noqa: E402
 from effkern.ops.low_rank_embedding import reference as lre_reference  # noqa: E402
 
 pytest.importorskip("triton")

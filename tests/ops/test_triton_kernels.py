@@ -17,10 +17,10 @@ from helpers import assert_close, assert_close_scaled, strided_cache  # noqa: E4
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from effkern.ops.gqa_decode import gqa_decode_reference  # noqa: E402
-from effkern.ops.kv_append import kv_append_reference  # noqa: E402
-from effkern.ops.low_rank_attention import core_bwd_reference as low_rank_attention_bwd_reference  # noqa: E402
-from effkern.ops.low_rank_attention import core_reference as low_rank_attention_reference  # noqa: E402
+from effkern.ops.gqa_decode import reference as gqa_decode_reference  # noqa: E402
+from effkern.ops.kv_append import reference as kv_append_reference  # noqa: E402
+from effkern.ops.low_rank_attention import bwd_reference as low_rank_attention_bwd_reference  # noqa: E402
+from effkern.ops.low_rank_attention import reference as low_rank_attention_reference  # noqa: E402
 from effkern.ops.rope import STYLES, Rope  # noqa: E402
 
 pytest.importorskip("triton")
