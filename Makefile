@@ -9,7 +9,7 @@ STACK := $(VENV)/.stack-installed
 BUILT := $(VENV)/.effkern-built
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/* csrc/cuda/*)
 
-.PHONY: install demo test bench lint clean
+.PHONY: install demo test bench lint clean gpu-check
 
 install: $(BUILT)
 
@@ -56,3 +56,12 @@ lint: install
 
 clean:
 	rm -rf build *.egg-info effkern/_C*.so
+
+# On a lent GPU machine (a bare copy of the tree, the machine's own torch / triton / nvcc, no network): builds the CUDA
+# kernels for the card, runs every GPU test and the benchmarks' GPU rows in ~8 minutes, and leaves summary.json and
+# the logs in OUT (bench/gpu_check.py; README "Benchmarks"). It installs effkern alone (editable), never the stack:
+# .venv's python where there is one, else python3. GPU_CHECK_ARGS=--dry-run checks it on a machine without a GPU.
+GPU_PYTHON ?= $(if $(wildcard $(PY)),$(PY),$(PYTHON))
+gpu-check:
+	@test -n "$(OUT)" || { echo "usage: make gpu-check OUT=DIR [GPU_CHECK_ARGS=--dry-run]" >&2; exit 2; }
+	PYTHONUNBUFFERED=1 $(GPU_PYTHON) bench/gpu_check.py $(OUT) $(GPU_CHECK_ARGS)
