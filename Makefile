@@ -34,9 +34,9 @@ $(BUILT): $(STACK) $(SOURCES)
 
 demo: install
 	$(VENV)/bin/effkern info
-	$(VENV)/bin/effkern kv-compress --out runs/kv_heads
+	$(VENV)/bin/effkern kv_compress
 	$(VENV)/bin/effkern last --quick --out runs/last_quick
-	$(VENV)/bin/effkern ctr-compress --quick --out runs/ctr_quick
+	$(VENV)/bin/effkern ctr_compress --quick --out runs/ctr_quick
 	$(PY) bench/gqa_decode.py --quick
 
 test: install
@@ -48,7 +48,7 @@ bench: install
 	$(PY) bench/low_rank_attention.py --json bench-results/low_rank_attention.json
 	$(PY) bench/residual_layer_norm.py --json bench-results/residual_layer_norm.json
 	$(PY) bench/low_rank_linear.py --json bench-results/low_rank_linear.json
-	$(PY) bench/side_tuning.py --json bench-results/side_tuning.json
+	$(PY) bench/last.py --json bench-results/last.json
 	$(PY) bench/ctr_compress.py --json bench-results/ctr_compress.json
 
 lint: install

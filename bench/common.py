@@ -19,7 +19,7 @@ def keep_freed_memory() -> None:
     allocator does. By default glibc returns large freed blocks to the system and the next allocation faults every
     page in again; whether a given op pays that depends on the heap's history (measured here: the same
     residual_layer_norm call 1.2 ms with no faults, 7.1 ms with 3,900 faults per call), which would bury the
-    kernels' own times in noise. Microbenchmarks call it first; bench/side_tuning.py does not (its step times are
+    kernels' own times in noise. Microbenchmarks call it first; bench/last.py does not (its step times are
     what a training loop gets with the default allocator)."""
     import ctypes
 

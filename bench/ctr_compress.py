@@ -1,5 +1,5 @@
 """CPU inference throughput of CTR models, original (torch) vs low-rank compressed (effkern's fused kernels), at
-batch 4096, for each data set and model of `effkern ctr-compress` and a Criteo-shaped synthetic set (size and
+batch 4096, for each data set and model of `effkern ctr_compress` and a Criteo-shaped synthetic set (size and
 speed scaling only: its ids are random, so it says nothing about accuracy).
 
 Throughput does not depend on the weights' values, so the models here are untrained: each is compressed with the
@@ -21,10 +21,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import print_table, write_json  # noqa: E402
 
-from effkern.methods.ctr_lowrank.compress import collect_stats, compress_model  # noqa: E402
-from effkern.methods.ctr_lowrank.flow import CTRCompressConfig, layer_ranks  # noqa: E402
-from effkern.methods.ctr_lowrank.models import MODELS, count_params, make_model  # noqa: E402
-from effkern.methods.ctr_lowrank.train import throughputs  # noqa: E402
+from effkern.methods.ctr_compress.compress import collect_stats, compress_model  # noqa: E402
+from effkern.methods.ctr_compress.flow import CTRCompressConfig, layer_ranks  # noqa: E402
+from effkern.methods.ctr_compress.models import MODELS, count_params, make_model  # noqa: E402
+from effkern.methods.ctr_compress.train import throughputs  # noqa: E402
 
 # Criteo's shape: 13 dense fields (bucketised) + 26 categorical ones with long-tailed vocabularies
 CRITEO_VOCAB = (64,) * 13 + (1460, 583, 100_000, 100_000, 305, 24, 12_517, 633, 3, 93_145, 5_683, 100_000, 3_194,

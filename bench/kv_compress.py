@@ -3,7 +3,7 @@
 For each model (original 9q/3kv, compressed 9q/1kv = ours/rope_commuting, a standard GQA model), attention
 implementation (transformers' ``sdpa``; ``effkern`` = decode steps through ``effkern.ops.gqa_decode``),
 context and batch: new tokens per second of single-token decode steps over a static cache holding ``ctx``
-tokens per sequence (``effkern.methods.kv_heads.evaluate.decode_tokens_per_s``: the cache is filled with
+tokens per sequence (``effkern.methods.kv_compress.evaluate.decode_tokens_per_s``: the cache is filled with
 random keys/values instead of a prefill; the whole model runs, weights and LM head included), and the KV-cache
 bytes per token and in total. The compressed model's calibration uses a few packaged-text blocks (speed does
 not depend on quality). Each configuration's throughput is the median of ``--repeats`` measurements.
@@ -26,12 +26,12 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import run_shapes  # noqa: E402
 
 from effkern.data.text import pydoc_text, token_blocks  # noqa: E402
-from effkern.methods.kv_heads.attention import use_effkern_attention  # noqa: E402
-from effkern.methods.kv_heads.calibrate import collect_stats  # noqa: E402
-from effkern.methods.kv_heads.convert import compress_kv_heads  # noqa: E402
-from effkern.methods.kv_heads.evaluate import decode_tokens_per_s  # noqa: E402
-from effkern.methods.kv_heads.flow import kv_bytes_per_token  # noqa: E402
-from effkern.methods.kv_heads.model import load_smollm2  # noqa: E402
+from effkern.methods.kv_compress.attention import use_effkern_attention  # noqa: E402
+from effkern.methods.kv_compress.calibrate import collect_stats  # noqa: E402
+from effkern.methods.kv_compress.convert import compress_kv_heads  # noqa: E402
+from effkern.methods.kv_compress.evaluate import decode_tokens_per_s  # noqa: E402
+from effkern.methods.kv_compress.flow import kv_bytes_per_token  # noqa: E402
+from effkern.methods.kv_compress.model import load_smollm2  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 

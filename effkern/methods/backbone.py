@@ -1,6 +1,6 @@
 """The small ViT backbone every side-tuning flow shares (no ImageNet-pretrained vision model exists offline).
 
-``effkern pretrain-backbone`` trains a timm ``VisionTransformer`` (32x32 single-channel images, 4x4 patches, so
+``effkern backbone`` trains a timm ``VisionTransformer`` (32x32 single-channel images, 4x4 patches, so
 64 patch tokens + cls) on a 20-way classification of the official TRAIN splits of MNIST (digits 0-9 -> classes
 0-9) and Fashion-MNIST (garments -> 10-19), with a random affine augmentation that also shrinks and moves the
 object (scale 0.35-1.1, shifts up to 8 px, rotations up to 180 degrees), so features cover the small, displaced and
@@ -8,30 +8,42 @@ rotated objects of the structured mini-VTAB tasks. No image of any mini-VTAB tes
 come from the official TEST splits, digits and LFW from other sources). Supervised pretraining is the stand-in
 until the single-branch SSL method (PAPERS.md F) produces the backbone.
 
-Checkpoints (model + optimiser + step) are written atomically after every epoch and a rerun resumes; the result is
-the backbone's weights (safetensors, fp32) without the pretraining head.
+Writes ``<out>/vit-mini-32.safetensors`` (the backbone's weights, fp32, without the pretraining head) and the
+standard rows (one per epoch: train_loss, train_accuracy) to ``results.json``, plus ``loss.png``; the training state
+is checkpointed after every epoch and a rerun of the same config resumes.
 """
 
 from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from timm.models.vision_transformer import VisionTransformer
 from tqdm.auto import tqdm
 
 from effkern.data.vision import fashion_mnist, mnist
-from effkern.methods import save_atomic, write_safetensors
+from effkern.methods.common import (
+    MethodConfig,
+    RunDir,
+    arg,
+    load_state,
+    read_safetensors,
+    row,
+    save_state,
+    warmup_cosine,
+    write_safetensors,
+)
 
 VIT_CONFIG = dict(img_size=32, patch_size=4, in_chans=1, embed_dim=128, depth=6, num_heads=4, mlp_ratio=4.0,
                   num_classes=0)
-DEFAULT_PATH = Path("~/.cache/effkern/vit-mini-32.safetensors").expanduser()  # `effkern pretrain-backbone` output
-# the committed backbone, made by `effkern pretrain-backbone --out effkern/weights/vit-mini-32.safetensors`
+WEIGHTS_NAME = "vit-mini-32.safetensors"
+# the committed backbone: `effkern backbone --out runs/backbone`, then runs/backbone/vit-mini-32.safetensors copied
 PACKAGED_PATH = Path(__file__).resolve().parent.parent / "weights" / "vit-mini-32.safetensors"
 PRETRAIN_CLASSES = 20
 
@@ -50,9 +62,10 @@ def load_backbone(path: str | os.PathLike | None = None) -> VisionTransformer:
     """The pretrained backbone (eval mode) from ``path`` (default: the packaged one, :data:`PACKAGED_PATH`)."""
     path = Path(path or PACKAGED_PATH).expanduser()
     if not path.exists():
-        raise FileNotFoundError(f"no backbone at {path}: make one with `effkern pretrain-backbone --out {path}`")
+        raise FileNotFoundError(f"no backbone at {path}: make one with `effkern backbone --out FOLDER` (it writes "
+                                f"FOLDER/{WEIGHTS_NAME})")
     vit = make_backbone()
-    vit.load_state_dict(load_file(path))
+    vit.load_state_dict(read_safetensors(path))
     return vit.eval()
 
 
@@ -74,40 +87,56 @@ def _pretraining_set() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(x), torch.from_numpy(np.concatenate([ym, yf + 10]))
 
 
-def pretrain_backbone(out: str | os.PathLike | None = None, *, epochs: int = 4, batch_size: int = 256,
-                      lr: float = 2e-3, weight_decay: float = 0.05, max_images: int | None = None, seed: int = 0,
-                      progress: bool = True) -> Path:
-    """Train the backbone (see module docstring) and write its weights to ``out``; resumes from
-    ``out + ".ckpt"`` after an interruption. ``max_images`` subsamples the 120,000 images (tests)."""
-    out = Path(out or DEFAULT_PATH).expanduser()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    ckpt = out.with_name(out.name + ".ckpt")
-    torch.manual_seed(seed)
+@dataclass
+class BackboneConfig(MethodConfig):
+    """Supervised pretraining of the shared ViT backbone (the stand-in until the single-branch SSL method)."""
+
+    name: ClassVar[str] = "backbone"
+    QUICK: ClassVar[dict] = dict(epochs=1, max_images=20000)
+    SMOKE: ClassVar[dict] = dict(epochs=1, batch_size=64, max_images=256)
+
+    out: str = arg("runs/backbone", f"output folder: {WEIGHTS_NAME}, config.json, results.json, loss.png")
+    epochs: int = arg(4, "training epochs")
+    batch_size: int = arg(256, "batch size")
+    lr: float = arg(2e-3, "peak learning rate (AdamW, warm-up over the first epoch, then cosine)")
+    weight_decay: float = arg(0.05, "AdamW weight decay")
+    max_images: int | None = arg(None, "subsample the 120,000 pretraining images (None: all)")
+
+    def validate(self) -> None:
+        if min(self.epochs, self.batch_size, self.max_images or 1) < 1 or self.lr <= 0 or self.weight_decay < 0:
+            raise ValueError("epochs, batch_size and max_images must be >= 1, lr > 0 and weight_decay >= 0")
+
+
+def run(cfg: BackboneConfig) -> list[dict]:
+    """Train the backbone (see the module docstring); returns the rows, one per epoch."""
+    cfg.check()
+    run_dir = RunDir(cfg)
+    ckpt = run_dir.checkpoint("pretrain")
+    torch.manual_seed(cfg.seed)
     images, labels = _pretraining_set()
-    if max_images is not None:
-        keep = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))[:max_images]
+    if cfg.max_images is not None:
+        keep = torch.randperm(len(labels), generator=torch.Generator().manual_seed(cfg.seed))[:cfg.max_images]
         images, labels = images[keep], labels[keep]
     vit = make_backbone()
     head = torch.nn.Linear(vit.embed_dim, PRETRAIN_CLASSES)
     params = list(vit.parameters()) + list(head.parameters())
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    steps_per_epoch = math.ceil(len(labels) / batch_size)
-    total = epochs * steps_per_epoch
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / steps_per_epoch) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / total))))
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = math.ceil(len(labels) / cfg.batch_size)
+    sched = warmup_cosine(opt, cfg.epochs * steps_per_epoch, steps_per_epoch)
     start_epoch = 0
     if ckpt.exists():
-        state = torch.load(ckpt, weights_only=True)
+        state = load_state(ckpt)
         vit.load_state_dict(state["vit"])
         head.load_state_dict(state["head"])
         opt.load_state_dict(state["opt"])
         sched.load_state_dict(state["sched"])
         start_epoch = state["epoch"]
-    for epoch in range(start_epoch, epochs):
-        g = torch.Generator().manual_seed(seed * 1000 + epoch)
+    for epoch in range(start_epoch, cfg.epochs):
+        g = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
         vit.train()
-        bar = tqdm(torch.randperm(len(labels), generator=g).split(batch_size), desc=f"pretrain epoch {epoch + 1}",
-                   disable=not progress)
+        bar = tqdm(torch.randperm(len(labels), generator=g).split(cfg.batch_size),
+                   desc=f"pretrain epoch {epoch + 1}", disable=not cfg.progress)
+        total, correct = 0.0, 0
         for idx in bar:
             logits = head(vit(_augment(normalize(images[idx]), g)))
             loss = F.cross_entropy(logits, labels[idx])
@@ -116,8 +145,29 @@ def pretrain_backbone(out: str | os.PathLike | None = None, *, epochs: int = 4, 
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             sched.step()
+            total += loss.item() * len(idx)
+            correct += int((logits.argmax(-1) == labels[idx]).sum())
             bar.set_postfix(loss=f"{loss.item():.3f}")
-        save_atomic(ckpt, dict(vit=vit.state_dict(), head=head.state_dict(), opt=opt.state_dict(),
-                               sched=sched.state_dict(), epoch=epoch + 1))
-    write_safetensors(out, vit.state_dict())
-    return out
+        run_dir.add([row("supervised", dataset="mnist+fashion_mnist", model="vit-mini-32", seed=cfg.seed,
+                         epoch=epoch + 1, train_loss=total / len(labels), train_accuracy=correct / len(labels))])
+        save_state(ckpt, dict(vit=vit.state_dict(), head=head.state_dict(), opt=opt.state_dict(),
+                              sched=sched.state_dict(), epoch=epoch + 1))
+    write_safetensors(run_dir.path / WEIGHTS_NAME, vit.state_dict())
+    _plot(run_dir.rows, run_dir.path / "loss.png")
+    return run_dir.rows
+
+
+def _plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot([r["epoch"] for r in rows], [r["train_loss"] for r in rows], marker="o")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("train loss (augmented, 20 classes)")
+    ax.set_title("backbone pretraining")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -6,30 +6,32 @@ import pytest
 import torch
 
 from effkern.methods import backbone
-from effkern.methods.backbone import load_backbone, make_backbone, pretrain_backbone
+from effkern.methods.backbone import WEIGHTS_NAME, BackboneConfig, load_backbone, make_backbone
 
 pytest.importorskip("zarr", reason="MNIST needs zarr (pip install zarr==3.1.6)")
 
 
-def test_pretrain_resume_and_load(tmp_path, monkeypatch):
-    small = dict(embed_dim=32, depth=2, num_heads=2)
-    monkeypatch.setattr(backbone, "VIT_CONFIG", {**backbone.VIT_CONFIG, **small})
-    out = tmp_path / "vit.safetensors"
-    pretrain_backbone(out, epochs=1, batch_size=64, max_images=512, progress=False)
-    ckpt = out.with_name(out.name + ".ckpt")
-    assert torch.load(ckpt, weights_only=True)["epoch"] == 1
-    first = load_backbone(out)
-    # a second call with more epochs resumes from the checkpoint (epoch 1 is not redone) and changes the weights
-    pretrain_backbone(out, epochs=2, batch_size=64, max_images=512, progress=False)
-    assert torch.load(ckpt, weights_only=True)["epoch"] == 2
-    second = load_backbone(out)
-    assert not torch.equal(first.patch_embed.proj.weight, second.patch_embed.proj.weight)
-    feats = second.forward_features(torch.zeros(2, 1, 32, 32))
-    assert feats.shape == (2, 65, 32)
+def test_pretrain_resumes_after_an_interruption_and_loads(tmp_path, monkeypatch):
+    monkeypatch.setattr(backbone, "VIT_CONFIG", {**backbone.VIT_CONFIG, **dict(embed_dim=32, depth=2, num_heads=2)})
+    cfg = BackboneConfig.preset("smoke", epochs=2, out=str(tmp_path), progress=False)
+    save = backbone.save_state
+
+    def interrupted(path, state):
+        save(path, state)
+        raise KeyboardInterrupt  # after the first epoch's checkpoint
+
+    monkeypatch.setattr(backbone, "save_state", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        backbone.run(cfg)
+    monkeypatch.setattr(backbone, "save_state", save)
+    rows = backbone.run(cfg)  # resumes: epoch 1 is not trained again
+    assert [r["epoch"] for r in rows] == [1, 2] and rows[0]["method"] == "supervised"
+    vit = load_backbone(tmp_path / WEIGHTS_NAME)
+    assert vit.forward_features(torch.zeros(2, 1, 32, 32)).shape == (2, 65, 32)
 
 
 def test_missing_backbone_says_how_to_make_it(tmp_path):
-    with pytest.raises(FileNotFoundError, match="effkern pretrain-backbone"):
+    with pytest.raises(FileNotFoundError, match="effkern backbone"):
         load_backbone(tmp_path / "none.safetensors")
 
 

@@ -10,8 +10,9 @@ from helpers import requires_ext
 
 from effkern.data.vision import load_task
 from effkern.methods.backbone import load_backbone
-from effkern.methods.last import flow
+from effkern.methods.last import LastConfig, flow
 from effkern.methods.last.baselines import make_baseline, model_accuracy, train_model, trainable_parameters
+from effkern.methods.last.config import METHODS
 from effkern.methods.last.costs import SideTuningShape, measure_steps
 
 pytestmark = requires_ext
@@ -21,12 +22,12 @@ HEAD_PARAMS = 128 * 10 + 10
 
 
 def test_flow_writes_rows_for_every_method_and_resumes(tmp_path, monkeypatch):
-    cfg = flow.LastConfig(tasks=("digits",), epochs=1, parallel_lrs=(1e-3, 1e-2), cost_steps=0, out=str(tmp_path),
-                          progress=False)
+    cfg = LastConfig(tasks=("digits",), epochs=1, parallel_lrs=(1e-3, 1e-2), cost_steps=0, out=str(tmp_path),
+                     progress=False)
     rows = flow.run(cfg)
-    per_task = {r["method"]: r for r in rows if r["task"] == "digits"}
-    means = {r["method"]: r for r in rows if r["task"] == "mean"}
-    assert set(per_task) == set(means) == set(flow.METHODS)
+    per_task = {r["method"]: r for r in rows if r["dataset"] == "digits"}
+    means = {r["method"]: r for r in rows if r["dataset"] == "mean"}
+    assert set(per_task) == set(means) == set(METHODS)
     for method, row in per_task.items():
         assert 0.0 <= row["accuracy"] <= 1.0 and row["group"] == "natural"
         assert means[method]["accuracy"] == row["accuracy"]
@@ -46,15 +47,15 @@ def test_flow_writes_rows_for_every_method_and_resumes(tmp_path, monkeypatch):
 def test_package_exports_the_flow():
     import effkern.methods.last as last
 
-    assert last.run is flow.run and last.LastConfig is flow.LastConfig
+    assert last.run is flow.run and last.LastConfig is LastConfig
     assert all(hasattr(last, name) for name in last.__all__)
 
 
 def test_bad_flow_config(tmp_path):
     with pytest.raises(ValueError, match="methods must be among"):
-        flow.run(flow.LastConfig(methods=("prompt",), out=str(tmp_path)))
-    with pytest.raises(ValueError, match="parallel_lrs must hold"):
-        flow.run(flow.LastConfig(parallel_lrs=(), out=str(tmp_path)))
+        flow.run(LastConfig(methods=("prompt",), out=str(tmp_path)))
+    with pytest.raises(ValueError, match="parallel_lrs must not be empty"):
+        flow.run(LastConfig(parallel_lrs=(), out=str(tmp_path)))
 
 
 def test_lora_trains_adapters_and_head_only_and_leaves_the_backbone_alone():
@@ -87,8 +88,8 @@ def test_last_beats_the_linear_probe_on_structured_tasks(tmp_path):
     """The claim direction on real data: where the final cls feature is not enough (object location, rotation),
     the side network's attention over all intermediate features adds accuracy. Both train K=4 learning rates,
     pick by val, and are scored on the held-out test images."""
-    cfg = flow.LastConfig(tasks=("location", "rotation"), methods=("linear_probe", "last"), epochs=10, cost_steps=0,
+    cfg = LastConfig(tasks=("location", "rotation"), methods=("linear_probe", "last"), epochs=10, cost_steps=0,
                           out=str(tmp_path), progress=False)
-    acc = {(r["method"], r["task"]): r["accuracy"] for r in flow.run(cfg)}
+    acc = {(r["method"], r["dataset"]): r["accuracy"] for r in flow.run(cfg)}
     for task in cfg.tasks:
         assert acc["last", task] > acc["linear_probe", task] + 0.02, acc

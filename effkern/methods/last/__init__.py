@@ -7,6 +7,7 @@ On any timm ``VisionTransformer``: :func:`group_features` (the frozen backbone's
 
 from __future__ import annotations
 
+from effkern.methods.last.config import LastConfig
 from effkern.methods.last.model import LASTSide, group_features
 from effkern.methods.last.train import StackedAdamW, accuracy, train_side
 
@@ -16,8 +17,8 @@ __all__ = ["LASTSide", "LastConfig", "StackedAdamW", "accuracy", "group_features
 def __getattr__(name: str):
     # the flow pulls in the data sets and the LoRA baseline (peft, transformers: seconds to import), which the
     # side network alone does not need
-    if name in ("LastConfig", "run"):
-        from effkern.methods.last import flow
+    if name == "run":
+        from effkern.methods.last.flow import run
 
-        return getattr(flow, name)
+        return run
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -20,6 +20,7 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from effkern.methods.backbone import normalize
+from effkern.methods.common import accuracy as top1
 from effkern.methods.last.train import fit
 
 # every Linear of the timm blocks: attention qkv / proj and MLP fc1 / fc2 (not the patch embedding's conv "proj")
@@ -87,6 +88,6 @@ def train_model(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *,
 @torch.no_grad()
 def model_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 256) -> float:
     model.eval()
-    correct = sum(int((model(images[i : i + batch_size]).argmax(-1) == labels[i : i + batch_size]).sum())
-                  for i in range(0, labels.shape[0], batch_size))
-    return correct / labels.shape[0]
+    with torch.no_grad():
+        logits = torch.cat([model(images[i : i + batch_size]) for i in range(0, labels.shape[0], batch_size)])
+    return float(top1(logits, labels))

@@ -15,6 +15,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from effkern.methods.common import accuracy as top1
+from effkern.methods.common import warmup_cosine
+
 
 class StackedAdamW(torch.optim.Optimizer):
     """AdamW for parameters stacked along dim 0 (K models): slice k uses ``lrs[k] * group["lr"]``.
@@ -58,16 +61,6 @@ class StackedAdamW(torch.optim.Optimizer):
         return loss
 
 
-def warmup_cosine(total_steps: int, warmup_steps: int):
-    """LR multiplier: linear warm-up, then cosine decay to 0 (for ``torch.optim.lr_scheduler.LambdaLR``)."""
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return factor
-
-
 def side_optimizer(side: torch.nn.Module, lrs: Sequence[float], weight_decay: float = 0.05) -> StackedAdamW:
     """StackedAdamW over the side networks' trainable parameters (no weight decay on biases)."""
     decay = [p for name, p in side.named_parameters() if p.requires_grad and "bias" not in name]
@@ -94,8 +87,7 @@ def fit(opt: torch.optim.Optimizer, n: int, step: Callable[[torch.Tensor], float
     """Run ``epochs`` shuffled passes over ``n`` examples, calling ``step(batch_indices) -> loss`` per batch, with a
     linear warm-up + cosine decay of ``opt``'s learning rate per step. Returns the mean loss per epoch."""
     steps_per_epoch = math.ceil(n / batch_size)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(epochs * steps_per_epoch,
-                                                                 warmup_epochs * steps_per_epoch))
+    sched = warmup_cosine(opt, epochs * steps_per_epoch, warmup_epochs * steps_per_epoch)
     g = torch.Generator().manual_seed(seed)
     history = []
     for _ in tqdm(range(epochs), desc=desc, disable=not progress):
@@ -129,8 +121,7 @@ def accuracy(side: torch.nn.Module, feats: Sequence[torch.Tensor], labels: torch
     """Top-1 accuracy of each of the K networks, ``[K]``."""
     was_training = side.training
     side.eval()
-    correct = 0
-    for idx in torch.arange(labels.shape[0]).split(batch_size):
-        correct = correct + (side([f[idx] for f in feats]).argmax(-1) == labels[idx]).sum(-1)
+    logits = torch.cat([side([f[idx] for f in feats]) for idx in torch.arange(labels.shape[0]).split(batch_size)],
+                       dim=-2)
     side.train(was_training)
-    return correct.double() / labels.shape[0]
+    return top1(logits, labels)

@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 from tqdm.auto import tqdm
-from transformers import get_cosine_schedule_with_warmup
+
+from effkern.methods.common import warmup_cosine
 
 
 class _PrecomputedGrad(torch.autograd.Function):
@@ -122,7 +123,7 @@ def lora_finetune(
     peft_model.train()
     params = [p for p in peft_model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    sched = get_cosine_schedule_with_warmup(opt, min(warmup, steps // 2), steps)
+    sched = warmup_cosine(opt, steps, min(warmup, steps // 2))
     batches = itertools.cycle(blocks[torch.randperm(blocks.shape[0])].split(batch_size))
     start, tokens, loss = time.perf_counter(), 0, float("nan")
     for _ in tqdm(range(steps), desc="LoRA recovery", disable=not progress):

@@ -14,7 +14,7 @@ from sklearn.metrics import log_loss, roc_auc_score
 from tqdm.auto import tqdm
 
 from effkern.data.ctr import CTRData
-from effkern.methods import save_atomic
+from effkern.methods.common import load_state, save_state
 from effkern.ops.low_rank_embedding import bag_rows
 
 
@@ -54,7 +54,7 @@ def train_ctr(model: torch.nn.Module, data: CTRData, *, epochs: int, lr: float, 
     g = torch.Generator().manual_seed(seed)
     history, stale, start = [], 0, 0
     if checkpoint is not None and Path(checkpoint).exists():
-        state = torch.load(checkpoint, weights_only=True)
+        state = load_state(checkpoint)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         g.set_state(state["generator"])
@@ -84,7 +84,7 @@ def train_ctr(model: torch.nn.Module, data: CTRData, *, epochs: int, lr: float, 
         else:
             stale += 1
         if checkpoint is not None:
-            save_atomic(Path(checkpoint), dict(model=model.state_dict(), opt=opt.state_dict(), generator=g.get_state(),
+            save_state(Path(checkpoint), dict(model=model.state_dict(), opt=opt.state_dict(), generator=g.get_state(),
                                                best=best, best_state=best_state, stale=stale, history=history))
         if stale >= patience:
             break

@@ -8,11 +8,11 @@ import pytest
 import torch
 from helpers import requires_ext
 
-from effkern.methods.kv_heads import attention
-from effkern.methods.kv_heads.attention import ProjectedKeyCache, use_effkern_attention
-from effkern.methods.kv_heads.calibrate import collect_stats
-from effkern.methods.kv_heads.convert import compress_kv_heads
-from effkern.methods.kv_heads.model import tiny_llama
+from effkern.methods.kv_compress import attention
+from effkern.methods.kv_compress.attention import ProjectedKeyCache, use_effkern_attention
+from effkern.methods.kv_compress.calibrate import collect_stats
+from effkern.methods.kv_compress.convert import compress_kv_heads
+from effkern.methods.kv_compress.model import tiny_llama
 
 pytestmark = requires_ext
 

@@ -7,10 +7,10 @@ import copy
 import pytest
 import torch
 
-from effkern.methods.kv_heads.attention import use_effkern_attention
-from effkern.methods.kv_heads.calibrate import KVStats, collect_stats
-from effkern.methods.kv_heads.convert import compress_kv_heads, plan_groups
-from effkern.methods.kv_heads.model import tiny_llama
+from effkern.methods.kv_compress.attention import use_effkern_attention
+from effkern.methods.kv_compress.calibrate import KVStats, collect_stats
+from effkern.methods.kv_compress.convert import compress_kv_heads, plan_groups
+from effkern.methods.kv_compress.model import tiny_llama
 
 
 @pytest.fixture(scope="module")

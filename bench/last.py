@@ -8,7 +8,7 @@ in a fresh process per run with allocator retention and first-step library loadi
 ``linear_probe`` / ``lora`` / ``full`` steps include the backbone's forward pass; ``last_cached`` (features
 computed beforehand, the `effkern last` flow's setting) is a separate row, never compared with the others.
 
-    python bench/side_tuning.py [--quick] [--json PATH]
+    python bench/last.py [--quick] [--json PATH]
 """
 
 from __future__ import annotations

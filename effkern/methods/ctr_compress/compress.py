@@ -31,13 +31,13 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
-from effkern.methods import write_safetensors
-from effkern.methods.ctr_lowrank.models import MODEL_CLASSES, CTRModel, DCNv2, make_model
+from effkern.methods.common import write_safetensors
+from effkern.methods.ctr_compress.models import MODEL_CLASSES, CTRModel, DCNv2, make_model
 from effkern.nn import LowRankEmbedding, LowRankLinear
 from effkern.ops.low_rank_embedding import bag_rows
 
 VARIANTS = ("exact", "act")
-RECIPE_KEY = "effkern.ctr_lowrank"  # save_compressed's metadata entry
+RECIPE_KEY = "effkern.ctr_compress"  # save_compressed's metadata entry
 
 
 @dataclass

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from effkern.methods.kv_heads.budget import compress_by_budget, layer_sensitivity
-from effkern.methods.kv_heads.calibrate import collect_stats
-from effkern.methods.kv_heads.flow import kv_bytes_per_token
-from effkern.methods.kv_heads.model import tiny_llama
+from effkern.methods.kv_compress.budget import compress_by_budget, layer_sensitivity
+from effkern.methods.kv_compress.calibrate import collect_stats
+from effkern.methods.kv_compress.flow import kv_bytes_per_token
+from effkern.methods.kv_compress.model import tiny_llama
 
 
 def test_budget_compresses_the_least_sensitive_layers():

@@ -12,10 +12,10 @@ import copy
 import torch
 from tqdm.auto import tqdm
 
-from effkern.methods.kv_heads.attention import use_effkern_attention
-from effkern.methods.kv_heads.calibrate import KVStats, _attention_layers
-from effkern.methods.kv_heads.convert import compress_kv_heads
-from effkern.methods.kv_heads.evaluate import perplexity
+from effkern.methods.kv_compress.attention import use_effkern_attention
+from effkern.methods.kv_compress.calibrate import KVStats, _attention_layers
+from effkern.methods.kv_compress.convert import compress_kv_heads
+from effkern.methods.kv_compress.evaluate import perplexity
 
 
 def layer_sensitivity(model, stats: KVStats | None, blocks: torch.Tensor, *, target_kv_heads: int, method: str,

@@ -13,9 +13,9 @@ import torch
 from helpers import installed
 
 from effkern.data.text import pydoc_text, token_blocks, wiki_text
-from effkern.methods.kv_heads import model as model_mod
-from effkern.methods.kv_heads.evaluate import perplexity
-from effkern.methods.kv_heads.model import load_smollm2, tiny_llama, train_mha_llama
+from effkern.methods.kv_compress import model as model_mod
+from effkern.methods.kv_compress.evaluate import perplexity
+from effkern.methods.kv_compress.model import load_smollm2, tiny_llama, train_mha_llama
 
 # --- tiny_llama and perplexity ----------------------------------------------------------------------------------
 
@@ -104,7 +104,7 @@ def test_train_mha_llama_resumes_from_its_checkpoint(bpe_tokenizer, tmp_path, mo
     train_mha_llama(bpe_tokenizer, cache_dir=cache, max_steps_this_call=3, **SMALL)  # "interrupted" after 3
     assert steps_run == [0, 1, 2]
     assert not cache.exists()
-    assert sorted(p.name for p in (tmp_path / "resumed.partial").iterdir()) == ["step-000003"]
+    assert sorted(p.name for p in (tmp_path / "resumed.partial").iterdir()) == ["step-000003.safetensors"]
 
     steps_run.clear()
     resumed = train_mha_llama(bpe_tokenizer, cache_dir=cache, **SMALL)

@@ -1,4 +1,4 @@
-"""The CTR compression flow (`effkern ctr-compress`): train, compress by output statistics, fine-tune, measure.
+"""The CTR compression flow (`effkern ctr_compress`): train, compress by output statistics, fine-tune, measure.
 
 Per data set x model: train the original (Adam, early stopping on val AUC; its weights kept, so a rerun with the same
 training settings reuses them), collect its statistics over the train split once, then per variant (``exact``: L1
@@ -7,15 +7,16 @@ L2 with nothing between; ``act``: ReLU between) compress (embedding rank ``emb_r
 fine-tuned with the same budget (``original_finetuned``): the compressed models must be judged against the better
 of the two.
 
-Rows of ``results.json`` (flat): dataset, model, variant (original / original_finetuned / compressed_<v>_init /
-compressed_<v>), auc, logloss (test split), params, throughput_per_s (CPU inference at ``throughput_batch``,
-measured for original and every compressed variant, the latter through effkern's kernels), epochs. Finished
-(dataset, model) rows are kept and reused on a rerun of the same config; every training run (original, each
-variant's and the control's fine-tune) saves its state after each epoch until its pair's rows are written, so an
-interrupted run loses at most one epoch (the files carry a hash of the settings they depend on, so another config
-never resumes them). The fine-tuned compressed models are kept as
-``models/<dataset>-<model>-<variant>.safetensors`` (:func:`~effkern.methods.ctr_lowrank.compress.load_compressed`
-rebuilds one from its file; ids as ``effkern.data.ctr.load_ctr`` encodes them). Also ``auc.png``.
+Rows of ``results.json``: the standard row (effkern.methods.common.row: method original / low_rank, dataset, model,
+variant original / original_finetuned / compressed_<v>_init / compressed_<v>, seed, params, throughput_per_s (CPU
+inference at ``throughput_batch``, measured for original and every compressed variant, the latter through
+effkern's kernels)), then auc, logloss (test split), epochs. Finished (dataset, model) rows are kept and reused on a
+rerun of the same config; every training run (original, each variant's and the control's fine-tune) saves its state
+after each epoch until its pair's rows are written, so an interrupted run loses at most one epoch (the files carry
+a hash of the settings they depend on, so another config never resumes them). The fine-tuned compressed models are
+kept as ``models/<dataset>-<model>-<variant>.safetensors``
+(:func:`~effkern.methods.ctr_compress.compress.load_compressed` rebuilds one from its file; ids as
+``effkern.data.ctr.load_ctr`` encodes them). Also ``auc.png``.
 """
 
 from __future__ import annotations
@@ -24,50 +25,22 @@ import copy
 import hashlib
 import json
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
-from effkern.data.ctr import DATASETS, load_ctr
-from effkern.methods import plot_grouped_bars, resume_rows, write_json, write_safetensors
-from effkern.methods.ctr_lowrank.compress import VARIANTS, collect_stats, compress_model, save_compressed
-from effkern.methods.ctr_lowrank.models import DEFAULT_MODELS, MODELS, count_params, make_model
-from effkern.methods.ctr_lowrank.train import evaluate, throughputs, train_ctr
-
-
-@dataclass
-class CTRCompressConfig:
-    """Defaults: the paper's Criteo model (embedding 16, a 400-400-400 DNN) with ranks chosen on MovieLens and
-    KDD-04 val AUC (this session's sweep, DeepFM): embedding 16 -> 8 (4 lost 0.0008 test AUC on MovieLens before
-    fine-tuning, 8 lost 0.0003), every DNN layer at rank 32 (the first too: with 74 fields it holds most of the
-    parameters), a few CPU minutes per data set and model."""
-
-    datasets: tuple[str, ...] = DATASETS
-    models: tuple[str, ...] = DEFAULT_MODELS
-    dim: int = 16
-    hidden: tuple[int, ...] = (400, 400, 400)
-    emb_rank: int = 8  # 0 keeps the embedding tables
-    mlp_ranks: tuple[int, ...] = (32, 32, 32)  # per hidden layer, 0 keeps it
-    cross_rank: int = 16  # DCN-v2 cross layers (0 keeps them)
-    variants: tuple[str, ...] = VARIANTS
-    epochs: int = 10
-    lr: float = 1e-3
-    batch_size: int = 1024
-    patience: int = 2
-    finetune_epochs: int = 3
-    finetune_lr: float = 1e-4
-    throughput_batch: int = 4096
-    seed: int = 0
-    out: str = "runs/ctr_lowrank"
-    progress: bool = True
+from effkern.data.ctr import load_ctr
+from effkern.methods.common import RunDir, plot_grouped_bars, read_safetensors, row, write_safetensors
+from effkern.methods.ctr_compress.compress import collect_stats, compress_model, save_compressed
+from effkern.methods.ctr_compress.config import CTRCompressConfig
+from effkern.methods.ctr_compress.models import count_params, make_model
+from effkern.methods.ctr_compress.train import evaluate, throughputs, train_ctr
 
 
 def layer_ranks(cfg: CTRCompressConfig, model_name: str) -> dict[str, int]:
-    """Rank per compressible layer name (effkern.methods.ctr_lowrank.compress.compressible_layers)."""
-    if len(cfg.mlp_ranks) != len(cfg.hidden):
-        raise ValueError(f"mlp_ranks needs one rank per hidden layer {cfg.hidden}, got {cfg.mlp_ranks}")
+    """Rank per compressible layer name (effkern.methods.ctr_compress.compress.compressible_layers)."""
+    cfg.check()
     ranks = {f"dnn.{2 * i}": r for i, r in enumerate(cfg.mlp_ranks)}
     if model_name == "dcnv2":
         ranks.update({f"cross.{i}": cfg.cross_rank for i in range(3)})
@@ -93,7 +66,7 @@ def _checkpoints(cfg: CTRCompressConfig, out: Path, dataset: str, model_name: st
     whole = _config_key(cfg, tuple(f for f in asdict(cfg) if f not in ("datasets", "models", "out", "progress")))
 
     def state(run: str) -> Path:
-        return folder / f"{pair}-{original if run == 'original' else whole}-{run}.train.pt"
+        return folder / f"{pair}-{original if run == 'original' else whole}-{run}.train.safetensors"
 
     return folder / f"{pair}-{original}.safetensors", state
 
@@ -102,7 +75,7 @@ def _original(cfg: CTRCompressConfig, data, name: str, weights: Path, checkpoint
     torch.manual_seed(cfg.seed)
     model = make_model(name, data.vocab_sizes, cfg.dim, cfg.hidden)
     if weights.exists():
-        model.load_state_dict(load_file(weights))
+        model.load_state_dict(read_safetensors(weights))
         return model, None
     history = train_ctr(model, data, epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, patience=cfg.patience,
                         seed=cfg.seed, progress=cfg.progress, checkpoint=checkpoint)
@@ -115,7 +88,8 @@ def _rows(cfg: CTRCompressConfig, dataset: str, model_name: str, out: Path) -> l
     test = (data.ids["test"], data.labels["test"])
     weights, ckpt = _checkpoints(cfg, out, dataset, model_name)
     model, epochs = _original(cfg, data, model_name, weights, ckpt("original"))
-    rows = [dict(variant="original", **evaluate(model, *test), params=count_params(model), epochs=epochs)]
+    rows = [dict(method="original", variant="original", **evaluate(model, *test), params=count_params(model),
+                 epochs=epochs)]
     stats = collect_stats(model, data.ids["train"])
     finetune = dict(epochs=cfg.finetune_epochs, lr=cfg.finetune_lr, batch_size=cfg.batch_size,
                     patience=cfg.finetune_epochs, seed=cfg.seed, progress=cfg.progress)
@@ -123,43 +97,41 @@ def _rows(cfg: CTRCompressConfig, dataset: str, model_name: str, out: Path) -> l
     for variant in cfg.variants:
         compressed = compress_model(model, stats, emb_rank=cfg.emb_rank, ranks=layer_ranks(cfg, model_name),
                                     variant=variant)
-        rows.append(dict(variant=f"compressed_{variant}_init", **evaluate(compressed, *test),
+        rows.append(dict(method="low_rank", variant=f"compressed_{variant}_init", **evaluate(compressed, *test),
                          params=count_params(compressed), epochs=0))
         history = train_ctr(compressed, data, **finetune, checkpoint=ckpt(variant))
         save_compressed(out / "models" / f"{dataset}-{model_name}-{variant}.safetensors", compressed)
-        rows.append(dict(variant=f"compressed_{variant}", **evaluate(compressed, *test),
+        rows.append(dict(method="low_rank", variant=f"compressed_{variant}", **evaluate(compressed, *test),
                          params=count_params(compressed), epochs=len(history)))
         timed[f"compressed_{variant}"] = compressed
     control = copy.deepcopy(model)
     history = train_ctr(control, data, **finetune, checkpoint=ckpt("finetuned"))
-    rows.append(dict(variant="original_finetuned", **evaluate(control, *test), params=count_params(control),
+    rows.append(dict(method="original", variant="original_finetuned", **evaluate(control, *test),
+                     params=count_params(control),
                      epochs=len(history)))
     speed = throughputs(timed, data.ids["test"], cfg.throughput_batch)
-    return [dict(dataset=dataset, model=model_name, **r, throughput_per_s=speed.get(r["variant"])) for r in rows]
+    out = []
+    for r in rows:
+        method, variant, params = r.pop("method"), r.pop("variant"), r.pop("params")
+        out.append(row(method, dataset=dataset, model=model_name, variant=variant, seed=cfg.seed, params=params,
+                       throughput_per_s=speed.get(variant), **r))
+    return out
 
 
 def run(cfg: CTRCompressConfig) -> list[dict]:
-    for name, values, allowed in (("datasets", cfg.datasets, DATASETS), ("models", cfg.models, MODELS),
-                                  ("variants", cfg.variants, VARIANTS)):
-        unknown = set(values) - set(allowed)
-        if unknown or not values:
-            raise ValueError(f"{name} must be a non-empty subset of {allowed}, got {values}")
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    rows = resume_rows(out, {k: v for k, v in asdict(cfg).items() if k not in ("out", "progress")})
-    results_path = out / "results.json"
+    cfg.check()
+    run_dir = RunDir(cfg)
     for dataset in cfg.datasets:
         for model_name in cfg.models:
-            if any(r["dataset"] == dataset and r["model"] == model_name for r in rows):
+            if run_dir.done(dataset=dataset, model=model_name):
                 continue
-            new = _rows(cfg, dataset, model_name, out)
-            rows += new
-            write_json(results_path, rows)
-            for done in (out / "checkpoints").glob(f"{dataset}-{model_name}-*.train.pt"):
+            new = _rows(cfg, dataset, model_name, run_dir.path)
+            run_dir.add(new)
+            for done in (run_dir.path / "checkpoints").glob(f"{dataset}-{model_name}-*.train.safetensors"):
                 done.unlink()
             _print_rows(new)
-    _plot(rows, out / "auc.png")
-    return rows
+    _plot(run_dir.rows, run_dir.path / "auc.png")
+    return run_dir.rows
 
 
 def _print_rows(rows: list[dict]) -> None:

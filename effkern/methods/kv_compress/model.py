@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
-import math
 import os
 import shutil
 import tempfile
@@ -21,11 +20,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
 from effkern.data.text import packaged_file, pydoc_text, token_blocks, wiki_text
+from effkern.methods.common import load_state, save_state, warmup_cosine
 
 CACHE_ROOT = Path("~/.cache/effkern").expanduser()
 
@@ -151,14 +150,6 @@ def mha_config(vocab: int, layers: int = 4, hidden: int = 256, heads: int = 8, h
                          rope_theta=1e4, tie_word_embeddings=True, attn_implementation="sdpa")
 
 
-def _lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
-    """Linear warm-up, then cosine decay to 10% of ``lr``: a pure function of the step so resuming is exact."""
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, steps - warmup)
-    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
 def _batch_indices(step: int, batch_size: int, n_blocks: int, seed: int) -> torch.Tensor:
     """``[batch_size]`` block indices of ``step``: epochs are seeded permutations, so any step is reproducible."""
     flat = torch.arange(step * batch_size, (step + 1) * batch_size)
@@ -170,24 +161,8 @@ def _batch_indices(step: int, batch_size: int, n_blocks: int, seed: int) -> torc
     return torch.stack([perms[int(e)][p] for e, p in zip(epochs, positions, strict=True)])
 
 
-def _save_checkpoint(folder: Path, model: LlamaForCausalLM, opt: torch.optim.Optimizer, state: dict) -> None:
-    model.save_pretrained(folder)
-    # AdamW moments as flat safetensors ("<param index>.<name>"); hyper-parameters are rebuilt from the settings.
-    tensors = {f"{i}.{k}": v.contiguous() for i, s in opt.state_dict()["state"].items() for k, v in s.items()}
-    save_file(tensors, folder / "optimizer.safetensors")
-    (folder / "training.json").write_text(json.dumps(state, indent=1))
-
-
-def _load_optimizer_state(opt: torch.optim.Optimizer, path: Path) -> None:
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for key, value in load_file(path).items():
-        index, name = key.split(".", 1)
-        state.setdefault(int(index), {})[name] = value
-    opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
-
-
 def _latest_checkpoint(partial: Path) -> Path | None:
-    steps = sorted(partial.glob("step-*")) if partial.is_dir() else []
+    steps = sorted(partial.glob("step-*.safetensors")) if partial.is_dir() else []
     return steps[-1] if steps else None  # zero-padded names sort by step
 
 
@@ -220,10 +195,11 @@ def train_mha_llama(
     tokens, ~450 on its own pydoc text), but a trained one with real multi-head attention patterns.
 
     The finished model is cached in ``cache_dir`` (default ``~/.cache/effkern/mha-llama``) and later calls with the
-    same settings just load it. While training, a checkpoint (model, AdamW state, step) is written atomically to
-    ``<cache_dir>.partial/step-NNNNNN`` every ``checkpoint_every`` steps, and an interrupted run resumes from the
-    latest one. ``max_steps_this_call`` stops after that many steps (checkpointing first) and returns the model
-    as it is then, unfinished and not cached: it exists to test and to split resumption.
+    same settings just load it. While training, a checkpoint (model, AdamW and schedule state, step, settings) is
+    written atomically to ``<cache_dir>.partial/step-NNNNNN.safetensors`` every ``checkpoint_every`` steps, and an
+    interrupted run resumes from the latest one. ``max_steps_this_call`` stops after that many steps (checkpointing
+    first) and returns the model as it is then, unfinished and not cached: it exists to test and to split
+    resumption.
 
     Raises:
         ValueError: non-positive ``steps``/``batch_size``/``checkpoint_every``, or the cache or a checkpoint holds
@@ -252,38 +228,40 @@ def train_mha_llama(
         return LlamaForCausalLM.from_pretrained(cache, dtype=torch.float32).to(device).eval()
 
     blocks = token_blocks(tokenizer, text, len(text), block_len)  # every token: a character is at least one
-    latest = _latest_checkpoint(partial)
-    if latest is not None:
-        _check_settings(latest, settings)
-        model = LlamaForCausalLM.from_pretrained(latest, dtype=torch.float32)
-        start = json.loads((latest / "training.json").read_text())["step"]
-    else:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model = LlamaForCausalLM(config)
-        start = 0
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
     model.to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)
+    sched = warmup_cosine(opt, steps, warmup, floor=0.1)
+    start, latest = 0, _latest_checkpoint(partial)
     if latest is not None:
-        _load_optimizer_state(opt, latest / "optimizer.safetensors")
+        state = load_state(latest)
+        if state["settings"] != settings:
+            raise ValueError(f"{latest} holds a model trained with other settings; pass another cache_dir or remove "
+                             f"it.\n saved: {state['settings']}\n wanted: {settings}")
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        start = state["step"]
 
     def checkpoint(step: int) -> None:
-        state = {"step": step, "settings": settings}
-        _write_dir_atomically(partial / f"step-{step:06d}", lambda d: _save_checkpoint(d, model, opt, state))
+        save_state(partial / f"step-{step:06d}.safetensors", dict(model=model.state_dict(), opt=opt.state_dict(),
+                                                                  sched=sched.state_dict(), step=step,
+                                                                  settings=settings))
         for old in partial.glob("step-*"):  # older checkpoints are superseded once the new one is complete
-            if old.name != f"step-{step:06d}":
-                shutil.rmtree(old, ignore_errors=True)
+            if old.name != f"step-{step:06d}.safetensors":
+                old.unlink()
 
     stop = steps if max_steps_this_call is None else min(steps, start + max_steps_this_call)
     bar = tqdm(total=steps, initial=start, desc="train MHA llama", disable=not progress)
     for step in range(start, stop):
-        for group in opt.param_groups:
-            group["lr"] = _lr_at(step, steps, lr, warmup)
         batch = blocks[_batch_indices(step, batch_size, len(blocks), seed)].to(device)
         loss = model(input_ids=batch, labels=batch, use_cache=False).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        sched.step()
         opt.zero_grad(set_to_none=True)
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.3f}")

@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from effkern.methods import write_safetensors
+from effkern.methods.common import write_safetensors
 
 
 @dataclass

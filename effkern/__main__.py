@@ -1,0 +1,5 @@
+"""`python -m effkern` is the `effkern` command."""
+
+from effkern.cli import main
+
+main()
