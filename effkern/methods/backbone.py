@@ -33,12 +33,14 @@ from effkern.methods.common import (
     RunDir,
     arg,
     load_state,
+    main_only,
     read_safetensors,
     row,
     save_state,
     warmup_cosine,
     write_safetensors,
 )
+from effkern.methods.common.distributed import accelerator, backward, is_main, local_batch, prepare, release
 
 VIT_CONFIG = dict(img_size=32, patch_size=4, in_chans=1, embed_dim=128, depth=6, num_heads=4, mlp_ratio=4.0,
                   num_classes=0)
@@ -131,32 +133,42 @@ def run(cfg: BackboneConfig) -> list[dict]:
         opt.load_state_dict(state["opt"])
         sched.load_state_dict(state["sched"])
         start_epoch = state["epoch"]
+    model, opt = prepare(torch.nn.Sequential(vit, head), opt)  # data-parallel under `accelerate launch`
+    dev = accelerator().device
     for epoch in range(start_epoch, cfg.epochs):
         g = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
         vit.train()
         bar = tqdm(torch.randperm(len(labels), generator=g).split(cfg.batch_size),
-                   desc=f"pretrain epoch {epoch + 1}", disable=not cfg.progress)
-        total, correct = 0.0, 0
+                   desc=f"pretrain epoch {epoch + 1}", disable=not cfg.progress or not is_main())
+        total, correct, seen = 0.0, 0, 0
         for idx in bar:
-            logits = head(vit(_augment(normalize(images[idx]), g)))
-            loss = F.cross_entropy(logits, labels[idx])
+            augmented = _augment(normalize(images[idx]), g)  # every process draws the whole batch: same generator
+            local = local_batch(idx)
+            if local is None:
+                continue
+            part = local_batch(torch.arange(len(idx)))
+            logits = model(augmented[part].to(dev))
+            loss = F.cross_entropy(logits, labels[local].to(dev))
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            backward(loss)
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             sched.step()
-            total += loss.item() * len(idx)
-            correct += int((logits.argmax(-1) == labels[idx]).sum())
+            total += loss.item() * len(local)
+            correct += int((logits.argmax(-1).cpu() == labels[local]).sum())
+            seen += len(local)
             bar.set_postfix(loss=f"{loss.item():.3f}")
         run_dir.add([row("supervised", dataset="mnist+fashion_mnist", model="vit-mini-32", seed=cfg.seed,
-                         epoch=epoch + 1, train_loss=total / len(labels), train_accuracy=correct / len(labels))])
+                         epoch=epoch + 1, train_loss=total / seen, train_accuracy=correct / seen)])
         save_state(ckpt, dict(vit=vit.state_dict(), head=head.state_dict(), opt=opt.state_dict(),
                               sched=sched.state_dict(), epoch=epoch + 1))
+    release()
     write_safetensors(run_dir.path / WEIGHTS_NAME, vit.state_dict())
     _plot(run_dir.rows, run_dir.path / "loss.png")
     return run_dir.rows
 
 
+@main_only
 def _plot(rows: list[dict], path: Path) -> None:
     import matplotlib
 

@@ -2,6 +2,7 @@
 results.json, checkpoints), the standard results row, schedules, metrics and plots."""
 
 from effkern.methods.common.config import MethodConfig, arg
+from effkern.methods.common.distributed import main_only
 from effkern.methods.common.plots import plot_grouped_bars
 from effkern.methods.common.run import (
     RunDir,
@@ -16,6 +17,6 @@ from effkern.methods.common.run import (
 )
 from effkern.methods.common.train import accuracy, per_class_accuracy, warmup_cosine
 
-__all__ = ["MethodConfig", "RunDir", "RunFileError", "accuracy", "arg", "load_state", "per_class_accuracy",
+__all__ = ["MethodConfig", "RunDir", "RunFileError", "accuracy", "arg", "load_state", "main_only", "per_class_accuracy",
            "plot_grouped_bars", "read_json", "read_safetensors", "row", "save_state", "warmup_cosine", "write_json",
            "write_safetensors"]

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from effkern.methods.common.distributed import main_only
 
+
+@main_only
 def plot_grouped_bars(path: Path, groups: list[str], series: dict[str, list[float]], *, ylabel: str, title: str,
                       ymin: float | None = None) -> None:
     """A bar chart with one group of bars per entry of ``groups``, one bar per series."""

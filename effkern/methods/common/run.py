@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from effkern.methods.common.config import MethodConfig
+from effkern.methods.common.distributed import barrier, main_only
 
 # The standard results row: these keys first (None where not measured), then the method's own metrics.
 ROW_KEYS = ("method", "dataset", "model", "variant", "seed")
@@ -32,6 +33,7 @@ def _unreadable(path: Path, why: object) -> RunFileError:
                         "fresh --out")
 
 
+@main_only
 def write_json(path: Path, obj: Any) -> None:
     """Write ``obj`` as JSON to ``path`` atomically (temp file + rename): a reader never sees half a file."""
     path = Path(path)
@@ -73,6 +75,7 @@ class RunDir:
                 self.rows = read_json(results_path)
                 if not isinstance(self.rows, list) or not all(isinstance(r, dict) for r in self.rows):
                     raise _unreadable(results_path, "not a list of rows")
+        barrier()  # every process has read the folder before the main one rewrites config.json
         write_json(config_path, dict(method=cfg.name, hash=self.digest, config=cfg.identity()))
 
     def done(self, **keys) -> bool:
@@ -114,6 +117,7 @@ def _unflatten(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return obj
 
 
+@main_only
 def save_state(path: Path, state: dict) -> None:
     """Save a training state (nested dicts / lists of tensors, numbers, strings: a model's and an optimizer's
     state_dict, a generator's state, a history) to ``path`` as safetensors, atomically (temp file + rename)."""
@@ -141,6 +145,7 @@ def load_state(path: Path) -> dict:
         raise _unreadable(Path(path), e) from None
 
 
+@main_only
 def write_safetensors(path: Path, tensors: dict, metadata: dict | None = None) -> None:
     """Save a flat dict of tensors (weights) to ``path`` atomically, creating its folder."""
     from safetensors.torch import save_file

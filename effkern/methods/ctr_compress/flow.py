@@ -128,7 +128,7 @@ def run(cfg: CTRCompressConfig) -> list[dict]:
             new = _rows(cfg, dataset, model_name, run_dir.path)
             run_dir.add(new)
             for done in (run_dir.path / "checkpoints").glob(f"{dataset}-{model_name}-*.train.safetensors"):
-                done.unlink()
+                done.unlink(missing_ok=True)  # every process may get here
             _print_rows(new)
     _plot(run_dir.rows, run_dir.path / "auc.png")
     return run_dir.rows

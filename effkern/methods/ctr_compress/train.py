@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from effkern.data.ctr import CTRData
 from effkern.methods.common import load_state, save_state
+from effkern.methods.common.distributed import backward, is_main, local_batch, prepare, release
 from effkern.ops.low_rank_embedding import bag_rows
 
 
@@ -49,7 +50,6 @@ def train_ctr(model: torch.nn.Module, data: CTRData, *, epochs: int, lr: float, 
     if epochs < 1 or lr <= 0 or batch_size < 1:
         raise ValueError(f"epochs and batch_size must be >= 1 and lr > 0, got {epochs}, {batch_size}, {lr}")
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
-    device = _device(model)
     ids, labels = data.ids["train"], data.labels["train"]
     g = torch.Generator().manual_seed(seed)
     history, stale, start = [], 0, 0
@@ -63,20 +63,26 @@ def train_ctr(model: torch.nn.Module, data: CTRData, *, epochs: int, lr: float, 
     else:
         best = evaluate(model, data.ids["val"], data.labels["val"])["auc"]
         best_state = copy.deepcopy(model.state_dict())
-    bar = tqdm(range(start, epochs), desc="train", disable=not progress)
+    wrapped, opt = prepare(model, opt)  # data-parallel under `accelerate launch` (effkern.methods.common.distributed)
+    device = _device(model)
+    bar = tqdm(range(start, epochs), desc="train", disable=not progress or not is_main())
     for epoch in bar:
         model.train()
-        total = 0.0
+        total, seen = 0.0, 0
         for idx in torch.randperm(len(labels), generator=g).split(batch_size):
-            batch = ids[idx].to(device)
-            loss = F.binary_cross_entropy_with_logits(model(batch), labels[idx].to(device))
+            local = local_batch(idx)
+            if local is None:
+                continue
+            batch = ids[local].to(device)
+            loss = F.binary_cross_entropy_with_logits(wrapped(batch), labels[local].to(device))
             penalty = _embedding_penalty(model, batch) * emb_weight_decay if emb_weight_decay else 0.0
             opt.zero_grad(set_to_none=True)
-            (loss + penalty).backward()
+            backward(loss + penalty)
             opt.step()
-            total += loss.item() * len(idx)
+            total += loss.item() * len(local)
+            seen += len(local)
         val = evaluate(model, data.ids["val"], data.labels["val"])
-        history.append(dict(epoch=epoch, train_loss=total / len(labels), val_auc=val["auc"],
+        history.append(dict(epoch=epoch, train_loss=total / max(seen, 1), val_auc=val["auc"],
                             val_logloss=val["logloss"]))
         bar.set_postfix(loss=f"{history[-1]['train_loss']:.4f}", val_auc=f"{val['auc']:.4f}")
         if val["auc"] > best:
@@ -88,6 +94,7 @@ def train_ctr(model: torch.nn.Module, data: CTRData, *, epochs: int, lr: float, 
                                                best=best, best_state=best_state, stale=stale, history=history))
         if stale >= patience:
             break
+    release()
     model.load_state_dict(best_state)
     return history
 

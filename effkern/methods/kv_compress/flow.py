@@ -15,7 +15,7 @@ import copy
 from pathlib import Path
 
 from effkern.data.text import pydoc_text, token_blocks, wiki_text
-from effkern.methods.common import RunDir, row
+from effkern.methods.common import RunDir, main_only, row
 from effkern.methods.kv_compress.attention import use_effkern_attention
 from effkern.methods.kv_compress.budget import compress_by_budget, layer_sensitivity
 from effkern.methods.kv_compress.calibrate import collect_stats
@@ -48,6 +48,7 @@ def kv_bytes_per_token(model) -> int:
     return total
 
 
+@main_only
 def plot_results(all_rows: list[dict], out: Path) -> None:
     """ppl.png (perplexity per variant) and, with KV-budget rows, budget.png (KV bytes per token vs perplexity)."""
     import matplotlib

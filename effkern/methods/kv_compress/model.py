@@ -251,7 +251,7 @@ def train_mha_llama(
                                                                   settings=settings))
         for old in partial.glob("step-*"):  # older checkpoints are superseded once the new one is complete
             if old.name != f"step-{step:06d}.safetensors":
-                old.unlink()
+                old.unlink(missing_ok=True)
 
     stop = steps if max_steps_this_call is None else min(steps, start + max_steps_this_call)
     bar = tqdm(total=steps, initial=start, desc="train MHA llama", disable=not progress)

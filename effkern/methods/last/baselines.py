@@ -21,6 +21,7 @@ from torch import nn
 
 from effkern.methods.backbone import normalize
 from effkern.methods.common import accuracy as top1
+from effkern.methods.common.distributed import accelerator, backward, prepare, release
 from effkern.methods.last.train import fit
 
 # every Linear of the timm blocks: attention qkv / proj and MLP fc1 / fc2 (not the patch embedding's conv "proj")
@@ -68,7 +69,7 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.op
 def train_step(model: nn.Module, opt: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor) -> float:
     loss = F.cross_entropy(model(images), labels)
     opt.zero_grad(set_to_none=True)
-    loss.backward()
+    backward(loss)
     opt.step()
     return loss.item()
 
@@ -77,10 +78,13 @@ def train_model(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *,
                 batch_size: int = 32, weight_decay: float = 0.05, warmup_epochs: int = 1, seed: int = 0,
                 progress: bool = True) -> list[float]:
     """Train ``model`` on uint8 ``images [n, C, H, W]`` / ``labels [n]``; returns the mean loss per epoch."""
-    opt = make_optimizer(model, lr, weight_decay)
+    wrapped, opt = prepare(model, make_optimizer(model, lr, weight_decay))
+    dev = accelerator().device
     model.train()
-    history = fit(opt, labels.shape[0], lambda idx: train_step(model, opt, images[idx], labels[idx]), epochs=epochs,
-                  batch_size=batch_size, warmup_epochs=warmup_epochs, seed=seed, desc="fine-tune", progress=progress)
+    history = fit(opt, labels.shape[0], lambda idx: train_step(wrapped, opt, images[idx].to(dev), labels[idx].to(dev)),
+                  epochs=epochs, batch_size=batch_size, warmup_epochs=warmup_epochs, seed=seed, desc="fine-tune",
+                  progress=progress)
+    release()
     model.eval()
     return history
 
@@ -88,6 +92,6 @@ def train_model(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *,
 @torch.no_grad()
 def model_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 256) -> float:
     model.eval()
-    with torch.no_grad():
-        logits = torch.cat([model(images[i : i + batch_size]) for i in range(0, labels.shape[0], batch_size)])
+    dev = next(model.parameters()).device
+    logits = torch.cat([model(images[i : i + batch_size].to(dev)).cpu() for i in range(0, labels.shape[0], batch_size)])
     return float(top1(logits, labels))

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from effkern.methods.common import accuracy as top1
 from effkern.methods.common import warmup_cosine
+from effkern.methods.common.distributed import accelerator, backward, is_main, local_batch, prepare, release
 
 
 class StackedAdamW(torch.optim.Optimizer):
@@ -76,7 +77,7 @@ def side_step(side: torch.nn.Module, opt: torch.optim.Optimizer, feats: Sequence
     loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.repeat(logits.shape[0]),
                            reduction="sum") / labels.shape[0]
     opt.zero_grad(set_to_none=True)
-    loss.backward()
+    backward(loss)
     opt.step()
     return loss.item()
 
@@ -84,18 +85,23 @@ def side_step(side: torch.nn.Module, opt: torch.optim.Optimizer, feats: Sequence
 def fit(opt: torch.optim.Optimizer, n: int, step: Callable[[torch.Tensor], float], *, epochs: int,
         batch_size: int = 32, warmup_epochs: int = 1, seed: int = 0, desc: str = "train",
         progress: bool = True) -> list[float]:
-    """Run ``epochs`` shuffled passes over ``n`` examples, calling ``step(batch_indices) -> loss`` per batch, with a
-    linear warm-up + cosine decay of ``opt``'s learning rate per step. Returns the mean loss per epoch."""
+    """Run ``epochs`` shuffled passes over ``n`` examples, calling ``step(batch_indices) -> loss`` per batch (this
+    process's share of it under ``accelerate launch``), with a linear warm-up + cosine decay of ``opt``'s learning
+    rate per step. Returns the mean loss per epoch (of this process's examples)."""
     steps_per_epoch = math.ceil(n / batch_size)
     sched = warmup_cosine(opt, epochs * steps_per_epoch, warmup_epochs * steps_per_epoch)
     g = torch.Generator().manual_seed(seed)
     history = []
-    for _ in tqdm(range(epochs), desc=desc, disable=not progress):
-        total = 0.0
+    for _ in tqdm(range(epochs), desc=desc, disable=not progress or not is_main()):
+        total, seen = 0.0, 0
         for idx in torch.randperm(n, generator=g).split(batch_size):
-            total += step(idx) * idx.numel()
+            local = local_batch(idx)
+            if local is None:
+                continue
+            total += step(local) * local.numel()
+            seen += local.numel()
             sched.step()
-        history.append(total / n)
+        history.append(total / max(seen, 1))
     return history
 
 
@@ -107,10 +113,13 @@ def train_side(side: torch.nn.Module, feats: Sequence[torch.Tensor], labels: tor
     n = labels.shape[0]
     if any(f.shape[0] != n for f in feats):
         raise ValueError(f"every feature tensor must have the {n} examples of labels in dim 0")
-    opt = side_optimizer(side, lrs, weight_decay)
+    model, opt = prepare(side, side_optimizer(side, lrs, weight_decay))
+    dev = accelerator().device
     side.train()
-    history = fit(opt, n, lambda idx: side_step(side, opt, [f[idx] for f in feats], labels[idx]), epochs=epochs,
-                  batch_size=batch_size, warmup_epochs=warmup_epochs, seed=seed, desc="LAST", progress=progress)
+    history = fit(opt, n, lambda idx: side_step(model, opt, [f[idx].to(dev) for f in feats], labels[idx].to(dev)),
+                  epochs=epochs, batch_size=batch_size, warmup_epochs=warmup_epochs, seed=seed, desc="LAST",
+                  progress=progress)
+    release()
     side.eval()
     return [loss / len(lrs) for loss in history]
 
@@ -121,7 +130,8 @@ def accuracy(side: torch.nn.Module, feats: Sequence[torch.Tensor], labels: torch
     """Top-1 accuracy of each of the K networks, ``[K]``."""
     was_training = side.training
     side.eval()
-    logits = torch.cat([side([f[idx] for f in feats]) for idx in torch.arange(labels.shape[0]).split(batch_size)],
-                       dim=-2)
+    dev = next(side.parameters()).device
+    logits = torch.cat([side([f[idx].to(dev) for f in feats]).cpu()
+                        for idx in torch.arange(labels.shape[0]).split(batch_size)], dim=-2)
     side.train(was_training)
     return top1(logits, labels)
