@@ -1,10 +1,10 @@
-"""Data-parallel training on HF accelerate: ``accelerate launch --multi_gpu --num_processes N -m effkern <method> ...``
-or ``torchrun --nproc_per_node N -m effkern <method> ...`` (on GPUs and on the CPU alike; accelerate's own ``--cpu``
-starts one process unless given an MPI hostfile) runs every process through the same flow, each training step's batch is split across the processes and DDP averages their
-gradients (gloo on the CPU, NCCL on GPUs), so N processes take the steps one would on the same global batch (exactly
-when the batch splits evenly; a final partial batch weighs its shards equally). Everything else (data, evaluation,
-early-stopping decisions) runs identically in every process, and only the main process writes files. Without
-``accelerate launch`` it is one process, as before.
+"""Data-parallel training on HF accelerate. ``torchrun --nproc_per_node N -m effkern <method> ...`` or ``accelerate
+launch --multi_gpu --num_processes N -m effkern <method> ...`` (on GPUs and on the CPU alike; accelerate's own
+``--cpu`` starts one process unless given an MPI hostfile) runs every process through the same flow: each training
+step's batch is split across the processes and DDP averages their gradients (gloo on the CPU, NCCL on GPUs), so N
+processes take the steps one would on the same global batch (exactly when the batch splits evenly; a final partial
+batch weighs its shards equally). Everything else (data, evaluation, early-stopping decisions) runs identically in
+every process, and only the main process writes files. Without a launcher it is one process, as before.
 """
 
 from __future__ import annotations
