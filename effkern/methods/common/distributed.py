@@ -43,10 +43,11 @@ def local_batch(idx: torch.Tensor) -> torch.Tensor | None:
     return idx.tensor_split(acc.num_processes)[acc.process_index]
 
 
-def prepare(model: torch.nn.Module, optimizer: torch.optim.Optimizer):
-    """(model, optimizer) placed on this process's device and wrapped for gradient sync (DDP) when there are several
-    processes; the caller's ``model`` object is trained in place either way."""
-    return accelerator().prepare(model, optimizer)
+def prepare(model: torch.nn.Module, optimizer: torch.optim.Optimizer, place: bool = True):
+    """(model, optimizer) placed on this process's device (unless ``place`` is False: the model is part of a larger
+    one that stays where it is) and wrapped for gradient sync (DDP) when there are several processes; the caller's
+    ``model`` object is trained in place either way."""
+    return accelerator().prepare(model, optimizer, device_placement=[place, place])
 
 
 def backward(loss: torch.Tensor) -> None:

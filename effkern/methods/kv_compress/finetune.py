@@ -20,6 +20,7 @@ from peft import LoraConfig, get_peft_model
 from tqdm.auto import tqdm
 
 from effkern.methods.common import warmup_cosine
+from effkern.methods.common.distributed import backward, is_main, local_batch, prepare, release
 
 
 class _PrecomputedGrad(torch.autograd.Function):
@@ -124,11 +125,18 @@ def lora_finetune(
     params = [p for p in peft_model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     sched = warmup_cosine(opt, steps, min(warmup, steps // 2))
+    # data-parallel under torchrun / accelerate launch: the decoder (its LoRA adapters) is what DDP syncs
+    wrapped, opt = prepare(decoder, opt, place=False)
+    dev = head.device
     batches = itertools.cycle(blocks[torch.randperm(blocks.shape[0])].split(batch_size))
     start, tokens, loss = time.perf_counter(), 0, float("nan")
-    for _ in tqdm(range(steps), desc="LoRA recovery", disable=not progress):
-        batch = next(batches)
-        hidden = decoder(input_ids=batch, use_cache=False).last_hidden_state.flatten(0, 1)
+    for _ in tqdm(range(steps), desc="LoRA recovery", disable=not progress or not is_main()):
+        whole = next(batches)
+        part = local_batch(torch.arange(len(whole)))
+        if part is None:
+            continue
+        batch = whole[part].to(dev)
+        hidden = wrapped(input_ids=batch, use_cache=False).last_hidden_state.flatten(0, 1)
         if teacher is None:
             labels = torch.cat([batch[:, 1:], torch.full_like(batch[:, :1], -100)], 1).flatten()
             step_loss = head_loss(hidden, head, labels=labels)
@@ -136,12 +144,13 @@ def lora_finetune(
             with torch.no_grad():
                 target = teacher.get_decoder()(input_ids=batch, use_cache=False).last_hidden_state.flatten(0, 1)
             step_loss = head_loss(hidden, head, teacher_hidden=target, teacher_head=teacher_head)
-        step_loss.backward()
+        backward(step_loss)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
         tokens, loss = tokens + batch.numel(), step_loss.item()
+    release()
     merged = peft_model.merge_and_unload()
     merged.eval()
     return merged, dict(steps=steps, tokens=tokens, final_loss=loss, seconds=time.perf_counter() - start)
