@@ -46,6 +46,15 @@ def test_smoke_run_writes_standard_files_and_resumes(name, tmp_path, monkeypatch
     assert added and json.loads((tmp_path / "config.json").read_text())["hash"] != saved["hash"]
 
 
+def test_another_config_never_inherits_rows(tmp_path):
+    config = METHODS["last"].load("config")
+    first, second = config(out=str(tmp_path)), config(out=str(tmp_path), seed=1)
+    RunDir(first).add([row("last", dataset="digits", accuracy=0.5)])
+    RunDir(second)  # interrupted before its first row
+    assert RunDir(second).rows == [] and json.loads((tmp_path / "results.json").read_text()) == []
+    assert RunDir(first).rows == []  # the first config's rows went when the second took the folder
+
+
 def test_row_puts_the_standard_keys_first():
     r = row("last", dataset="digits", accuracy=0.5, step_time_s=0.1, trainable_params=7)
     assert list(r) == [*ROW_KEYS, "trainable_params", "step_time_s", "accuracy"]

@@ -76,6 +76,8 @@ class RunDir:
                 if not isinstance(self.rows, list) or not all(isinstance(r, dict) for r in self.rows):
                     raise _unreadable(results_path, "not a list of rows")
         barrier()  # every process has read the folder before the main one rewrites config.json
+        if not self.rows:  # another config's rows must not outlive its config.json
+            write_json(results_path, [])
         write_json(config_path, dict(method=cfg.name, hash=self.digest, config=cfg.identity()))
 
     def done(self, **keys) -> bool:
