@@ -40,14 +40,21 @@ def _word(device: torch.device) -> tuple[torch.Tensor, np.ndarray]:
     return word, word.numpy()
 
 
+def _device_key(device: torch.device) -> torch.device:
+    """One key per word: ``cuda`` without an index is the current CUDA device; every CPU device is ``cpu``."""
+    if device.type != "cuda":
+        return torch.device(device.type)
+    return torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
+
+
 def error_word(device: torch.device) -> torch.Tensor:
     """The int32 ``[1]`` word the kernels running on ``device`` store their error codes into."""
-    return _word(torch.device(device.type, device.index if device.type == "cuda" else None))[0]
+    return _word(_device_key(device))[0]
 
 
 def raise_pending(device: torch.device) -> None:
     """Raise (and clear) the errors recorded by the kernels that ran on ``device`` so far."""
-    view = _word(torch.device(device.type, device.index if device.type == "cuda" else None))[1]
+    view = _word(_device_key(device))[1]
     code = int(view[0])
     if code:
         view[0] = 0
@@ -58,7 +65,7 @@ def raise_pending(device: torch.device) -> None:
 
 def check_device_errors(device: torch.device | str | None = None) -> None:
     """Wait for ``device``'s kernels (default: the current CUDA device) and raise any index error they found."""
-    device = torch.device("cuda", torch.cuda.current_device()) if device is None else torch.device(device)
+    device = torch.device("cuda" if device is None else device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     raise_pending(device)
