@@ -68,9 +68,11 @@ class MethodConfig:
         return json.loads(json.dumps({k: v for k, v in dataclasses.asdict(self).items()
                                       if k not in PRESENTATION_FIELDS}))
 
-    def digest(self) -> str:
-        """A short hash of :meth:`identity`: files that depend on the config carry it."""
-        return hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:12]
+    def digest(self, fields: tuple[str, ...] | None = None) -> str:
+        """A short hash of :meth:`identity` (or of its ``fields`` only: files that depend on part of the config, so
+        that configs differing elsewhere share them): files that depend on the config carry it."""
+        picked = {k: v for k, v in self.identity().items() if fields is None or k in fields}
+        return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def _matches(value: Any, hint: Any) -> bool:

@@ -22,10 +22,7 @@ kept as ``models/<dataset>-<model>-<variant>.safetensors``
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 from collections.abc import Callable
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -50,20 +47,13 @@ def layer_ranks(cfg: CTRCompressConfig, model_name: str) -> dict[str, int]:
 ORIGINAL_FIELDS = ("dim", "hidden", "epochs", "lr", "batch_size", "patience", "seed")  # what trains the originals
 
 
-def _config_key(cfg: CTRCompressConfig, fields: tuple[str, ...]) -> str:
-    """A short hash of the config's ``fields``, in the names of the files that depend on them: a run with another
-    config never resumes or reuses a file of this one."""
-    picked = {k: v for k, v in asdict(cfg).items() if k in fields}
-    return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:12]
-
-
 def _checkpoints(cfg: CTRCompressConfig, out: Path, dataset: str, model_name: str) -> tuple[Path, Callable]:
     """The original's weights file (kept: a rerun with the same training config reuses it) and, per training run
     (original, each variant's fine-tune, the control), where train_ctr keeps its per-epoch state (run() deletes
     the pair's once its rows are written)."""
     folder, pair = out / "checkpoints", f"{dataset}-{model_name}"
-    original = _config_key(cfg, ORIGINAL_FIELDS)
-    whole = _config_key(cfg, tuple(f for f in asdict(cfg) if f not in ("datasets", "models", "out", "progress")))
+    original = cfg.digest(ORIGINAL_FIELDS)
+    whole = cfg.digest(tuple(f for f in cfg.identity() if f not in ("datasets", "models")))
 
     def state(run: str) -> Path:
         return folder / f"{pair}-{original if run == 'original' else whole}-{run}.train.safetensors"
