@@ -143,10 +143,10 @@ def run(cfg: BackboneConfig) -> list[dict]:
         total, correct, seen = 0.0, 0, 0
         for idx in bar:
             augmented = _augment(normalize(images[idx]), g)  # every process draws the whole batch: same generator
-            local = local_batch(idx)
-            if local is None:
-                continue
             part = local_batch(torch.arange(len(idx)))
+            if part is None:
+                continue
+            local = idx[part]
             logits = model(augmented[part].to(dev))
             loss = F.cross_entropy(logits, labels[local].to(dev))
             opt.zero_grad(set_to_none=True)

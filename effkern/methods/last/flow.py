@@ -67,12 +67,15 @@ def _baseline_rows(method: str, cfg: LastConfig, vit, task) -> dict:
 def run(cfg: LastConfig) -> list[dict]:
     cfg.check()
     run_dir = RunDir(cfg)
-    costs = {}
+    cost_keys = ("trainable_params", "peak_mem_bytes", "step_time_s")
+    costs = {r["method"]: {k: r[k] for k in cost_keys} for r in run_dir.rows}  # measured by an interrupted run
     shape = SideTuningShape(batch_size=cfg.batch_size, rank=cfg.rank, heads=cfg.heads, group_size=cfg.group_size,
                             lora_rank=cfg.lora_rank, backbone=cfg.backbone)
-    if cfg.cost_steps:
-        for cost in measure_steps([(method, shape) for method in cfg.methods], steps=cfg.cost_steps):
-            costs[cost["method"]] = {k: cost[k] for k in ("trainable_params", "peak_mem_bytes", "step_time_s")}
+    unmeasured = [m for m in cfg.methods if m not in costs and any(not run_dir.done(method=m, dataset=t)
+                                                                   for t in cfg.tasks)]
+    if cfg.cost_steps and unmeasured:
+        for cost in measure_steps([(method, shape) for method in unmeasured], steps=cfg.cost_steps):
+            costs[cost["method"]] = {k: cost[k] for k in cost_keys}
     vit = load_backbone(cfg.backbone).requires_grad_(False)
     model = "vit-mini-32" if cfg.backbone is None else Path(cfg.backbone).stem
     for name in cfg.tasks:
@@ -89,7 +92,7 @@ def run(cfg: LastConfig) -> list[dict]:
             result = (_side_rows(method, cfg, vit, task, feats) if method in ("linear_probe", "last")
                       else _baseline_rows(method, cfg, vit, task))
             rows.append(row(method, dataset=name, model=model, seed=cfg.seed,
-                            **costs.get(method, dict(trainable_params=None, peak_mem_bytes=None, step_time_s=None)),
+                            **costs.get(method, dict.fromkeys(cost_keys)),
                             group=task.group, **result))
             print(f"{method:>13} {name:>14}: test {result['accuracy']:.4f} (val {result['val_accuracy']:.4f}, "
                   f"lr {result['lr']:g})", flush=True)
