@@ -25,6 +25,16 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 
 from effkern.data.text import packaged_file, pydoc_text, token_blocks, wiki_text
 from effkern.methods.common import load_state, save_state, warmup_cosine
+from effkern.methods.common.distributed import (
+    accelerator,
+    backward,
+    barrier,
+    is_main,
+    local_batch,
+    main_only,
+    prepare,
+    release,
+)
 
 CACHE_ROOT = Path("~/.cache/effkern").expanduser()
 
@@ -181,7 +191,6 @@ def train_mha_llama(
     text: str | None = None,
     model_kwargs: dict | None = None,
     max_steps_this_call: int | None = None,
-    device: str | torch.device = "cpu",
     progress: bool = True,
 ) -> LlamaForCausalLM:
     """Train (or load the cached) small MHA Llama; returns it in eval mode.
@@ -201,6 +210,10 @@ def train_mha_llama(
     first) and returns the model as it is then, unfinished and not cached: it exists to test and to split
     resumption.
 
+    Under ``torchrun`` / ``accelerate launch`` every process trains on its share of each batch (accelerate: DDP,
+    gradients averaged) and only the main process writes checkpoints and the cache; the model lands on the
+    accelerator's device (the GPU when there is one).
+
     Raises:
         ValueError: non-positive ``steps``/``batch_size``/``checkpoint_every``, or the cache or a checkpoint holds
             a model trained with different settings.
@@ -208,6 +221,9 @@ def train_mha_llama(
     if steps < 1 or batch_size < 1 or checkpoint_every < 1:
         raise ValueError(f"steps, batch_size and checkpoint_every must be positive: {steps}, {batch_size}, "
                          f"{checkpoint_every}")
+    if batch_size < accelerator().num_processes:
+        raise ValueError(f"batch_size {batch_size} cannot give each of {accelerator().num_processes} processes a "
+                         "sequence")
     cache = Path(cache_dir).expanduser() if cache_dir is not None else CACHE_ROOT / "mha-llama"
     partial = cache.with_name(cache.name + ".partial")
     text = pydoc_text() + "\n\n" + wiki_text("train") if text is None else text
@@ -225,13 +241,13 @@ def train_mha_llama(
 
     if cache.exists():
         _check_settings(cache, settings)
-        return LlamaForCausalLM.from_pretrained(cache, dtype=torch.float32).to(device).eval()
+        return LlamaForCausalLM.from_pretrained(cache, dtype=torch.float32).eval()
 
     blocks = token_blocks(tokenizer, text, len(text), block_len)  # every token: a character is at least one
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
-    model.to(device).train()
+    model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)
     sched = warmup_cosine(opt, steps, warmup, floor=0.1)
     start, latest = 0, _latest_checkpoint(partial)
@@ -244,7 +260,10 @@ def train_mha_llama(
         opt.load_state_dict(state["opt"])
         sched.load_state_dict(state["sched"])
         start = state["step"]
+    wrapped, opt = prepare(model, opt)
+    device = next(model.parameters()).device
 
+    @main_only
     def checkpoint(step: int) -> None:
         save_state(partial / f"step-{step:06d}.safetensors", dict(model=model.state_dict(), opt=opt.state_dict(),
                                                                   sched=sched.state_dict(), step=step,
@@ -254,11 +273,11 @@ def train_mha_llama(
                 old.unlink(missing_ok=True)
 
     stop = steps if max_steps_this_call is None else min(steps, start + max_steps_this_call)
-    bar = tqdm(total=steps, initial=start, desc="train MHA llama", disable=not progress)
+    bar = tqdm(total=steps, initial=start, desc="train MHA llama", disable=not progress or not is_main())
     for step in range(start, stop):
-        batch = blocks[_batch_indices(step, batch_size, len(blocks), seed)].to(device)
-        loss = model(input_ids=batch, labels=batch, use_cache=False).loss
-        loss.backward()
+        batch = blocks[local_batch(_batch_indices(step, batch_size, len(blocks), seed))].to(device)
+        loss = wrapped(input_ids=batch, labels=batch, use_cache=False).loss
+        backward(loss)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
@@ -269,16 +288,20 @@ def train_mha_llama(
         if done < steps and (done % checkpoint_every == 0 or done == stop):
             checkpoint(done)
     bar.close()
+    release()
     model.eval()
     if stop < steps:
+        barrier()  # the checkpoint is complete before any process returns
         return model
 
     def write_final(folder: Path) -> None:
         model.save_pretrained(folder)
         (folder / "training.json").write_text(json.dumps({"step": steps, "settings": settings}, indent=1))
 
-    _write_dir_atomically(cache, write_final)
-    shutil.rmtree(partial, ignore_errors=True)
+    if is_main():
+        _write_dir_atomically(cache, write_final)
+        shutil.rmtree(partial, ignore_errors=True)
+    barrier()
     return model
 
 
