@@ -97,15 +97,17 @@ def _show(value) -> str:
     return str(value)
 
 
-def _add_method(sub, name: str, method: Method) -> None:
+def _add_method(sub, name: str, method: Method, path: tuple[str, ...]) -> None:
+    """``name``'s parser (its flags from ``method``'s config); ``path`` is where ``_run_method`` finds it."""
     config = method.load("config")
     p = sub.add_parser(name, help=method.help, description=config.__doc__, argument_default=argparse.SUPPRESS,
                        allow_abbrev=False)  # a mistyped flag is an error, not a prefix of another
-    preset = p.add_mutually_exclusive_group()
-    preset.add_argument("--quick", dest="_preset", action="store_const", const="quick",
-                        help=f"the quick preset (minutes, for the demo): {_show_preset(config.QUICK)}")
-    preset.add_argument("--smoke", dest="_preset", action="store_const", const="smoke",
-                        help=f"the smoke preset (seconds, for tests): {_show_preset(config.SMOKE)}")
+    if config.QUICK or config.SMOKE:
+        preset = p.add_mutually_exclusive_group()
+        preset.add_argument("--quick", dest="_preset", action="store_const", const="quick",
+                            help=f"the quick preset (minutes, for the demo): {_show_preset(config.QUICK)}")
+        preset.add_argument("--smoke", dest="_preset", action="store_const", const="smoke",
+                            help=f"the smoke preset (seconds, for tests): {_show_preset(config.SMOKE)}")
     hints = typing.get_type_hints(config)
     for f in dataclasses.fields(config):
         flag = "--" + f.name.replace("_", "-")
@@ -120,15 +122,18 @@ def _add_method(sub, name: str, method: Method) -> None:
         p.add_argument(flag, dest=f.name, type=parse, metavar=metavar,
                        choices=choices if hints[f.name] is str else None,
                        help=f"{text}{extra} (default: {_show(f.default)})")
-    p.set_defaults(_method=name)
+    p.set_defaults(_method=path)
 
 
 def _show_preset(overrides: dict) -> str:
     return ", ".join(f"{k}={_show(v)}" for k, v in overrides.items()) or "the defaults"
 
 
-def _run_method(parser: argparse.ArgumentParser, name: str, given: dict) -> None:
-    method = METHODS[name]
+def _run_method(parser: argparse.ArgumentParser, path: tuple[str, ...], given: dict) -> None:
+    method = METHODS[path[0]]
+    if len(path) > 1 and path[1] != method.command:
+        method = dict(method.extra)[path[1]]
+    name = " ".join(path)
     try:
         cfg = method.load("config").preset(given.pop("_preset", "default"), **given).check()
     except (TypeError, ValueError) as e:
@@ -148,16 +153,33 @@ def main(argv: list[str] | None = None) -> None:
                            "gqa_decode --quick`")
     bench.add_argument("name")
     bench.add_argument("args", nargs=argparse.REMAINDER, help="the benchmark's own options")
+    report = sub.add_parser("report", help="one table and plot from side-tuning runs, e.g. `effkern report "
+                            "runs/last runs/dtl runs/miet`", allow_abbrev=False)
+    report.add_argument("runs", nargs="+", help="run folders of last / dtl / miet")
+    report.add_argument("--out", help="also write report.md, rows.json and accuracy.png here")
     for name, method in METHODS.items():
-        _add_method(sub, name, method)
+        if method.command is None:
+            _add_method(sub, name, method, (name,))
+            continue
+        commands = sub.add_parser(name, help=method.help, allow_abbrev=False).add_subparsers(
+            dest="_command", required=True, metavar="command")
+        for command, part in ((method.command, method), *method.extra):
+            _add_method(commands, command, part, (name, command))
     args = parser.parse_args(argv)
     if args.command == "info":
         for key, value in info().items():
             print(f"{key:>20}: {value}")
     elif args.command == "bench":
         _bench(args.name, args.args)
+    elif args.command == "report":
+        from effkern.methods.last.report import report
+
+        try:
+            print(report(args.runs, args.out))
+        except (FileNotFoundError, ValueError, RunFileError) as e:
+            parser.exit(1, f"effkern report: error: {e}\n")
     else:
-        given = {k: v for k, v in vars(args).items() if k not in ("command", "_method")}
+        given = {k: v for k, v in vars(args).items() if k not in ("command", "_command", "_method")}
         _run_method(parser, args._method, given)
 
 

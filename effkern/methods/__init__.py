@@ -20,6 +20,9 @@ class Method:
     config: str
     run: str
     help: str
+    # a method with a service has subcommands: ``effkern <name> <command>`` runs this flow, ``extra`` the others
+    command: str | None = None
+    extra: tuple[tuple[str, Method], ...] = ()
 
     def load(self, which: str):
         module, attr = getattr(self, which).split(":")
@@ -27,10 +30,18 @@ class Method:
 
 
 METHODS = {
-    "backbone": Method("effkern.methods.backbone:BackboneConfig", "effkern.methods.backbone:run",
+    "backbone": Method("effkern.methods.backbone.config:BackboneConfig", "effkern.methods.backbone.flow:run",
                        "pretrain the small ViT backbone the side-tuning flows share (supervised stand-in)"),
     "last": Method("effkern.methods.last.config:LastConfig", "effkern.methods.last.flow:run",
                    "LAST side-tuning vs linear probe, LoRA and full fine-tuning on mini-VTAB-1k (PAPERS.md A)"),
+    "dtl": Method("effkern.methods.dtl.config:DTLConfig", "effkern.methods.dtl.flow:run",
+                  "DTL / DTL+ compact side networks on mini-VTAB-1k (PAPERS.md B)"),
+    "miet": Method("effkern.methods.miet.config:MIETConfig", "effkern.methods.miet.flow:run",
+                   "MIET: a feature server (cloud) and light edge tuning on summed features (PAPERS.md C)",
+                   command="train",
+                   extra=(("serve", Method("effkern.methods.miet.config:ServeConfig",
+                                           "effkern.methods.miet.server:serve",
+                                           "run the cloud's feature server (FastAPI + uvicorn)")),)),
     "kv_compress": Method("effkern.methods.kv_compress.config:KVCompressConfig", "effkern.methods.kv_compress.flow:run",
                           "KV-head compression of a Llama-family LM to fewer KV heads, RoPE-aware (PAPERS.md D)"),
     "ctr_compress": Method("effkern.methods.ctr_compress.config:CTRCompressConfig",

@@ -5,14 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from effkern.methods import backbone
-from effkern.methods.backbone import WEIGHTS_NAME, BackboneConfig, load_backbone, make_backbone
+from effkern.methods.backbone import WEIGHTS_NAME, load_backbone, make_backbone, model
+from effkern.methods.backbone import flow as backbone
+from effkern.methods.backbone.config import BackboneConfig
 
 pytest.importorskip("zarr", reason="MNIST needs zarr (pip install zarr==3.1.6)")
 
 
 def test_pretrain_resumes_after_an_interruption_and_loads(tmp_path, monkeypatch):
-    monkeypatch.setattr(backbone, "VIT_CONFIG", {**backbone.VIT_CONFIG, **dict(embed_dim=32, depth=2, num_heads=2)})
+    monkeypatch.setattr(model, "VIT_CONFIG", {**model.VIT_CONFIG, **dict(embed_dim=32, depth=2, num_heads=2)})
     cfg = BackboneConfig.preset("smoke", epochs=2, out=str(tmp_path), progress=False)
     save = backbone.save_state
 

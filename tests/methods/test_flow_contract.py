@@ -69,19 +69,32 @@ def _parsed(monkeypatch, argv: list[str]):
     return got[0]
 
 
-@pytest.mark.parametrize("name", sorted(METHODS))
-def test_every_field_is_a_flag_and_presets_match(name, monkeypatch, capsys):
-    config = METHODS[name].load("config")
+COMMANDS = [((name, *([m.command] if m.command else [])), m) for name, m in sorted(METHODS.items())] + [
+    ((name, command), part) for name, m in sorted(METHODS.items()) for command, part in m.extra]
+
+
+@pytest.mark.parametrize(("command", "method"), COMMANDS, ids=[" ".join(c) for c, _ in COMMANDS])
+def test_every_field_is_a_flag_and_presets_match(command, method, monkeypatch, capsys):
+    config = method.load("config")
     with pytest.raises(SystemExit):
-        cli.main([name, "--help"])
+        cli.main([*command, "--help"])
     text = capsys.readouterr().out
     for f in dataclasses.fields(config):
         assert "--" + f.name.replace("_", "-") in text, f.name
-    assert _parsed(monkeypatch, [name, "--quick"]) == config.preset("quick")
-    assert _parsed(monkeypatch, [name, "--smoke", "--seed", "3"]) == config.preset("smoke", seed=3)
+    assert _parsed(monkeypatch, [*command]) == config()
+    if config.QUICK or config.SMOKE:
+        assert _parsed(monkeypatch, [*command, "--quick"]) == config.preset("quick")
+        assert _parsed(monkeypatch, [*command, "--smoke", "--seed", "3"]) == config.preset("smoke", seed=3)
     with pytest.raises(SystemExit) as stop:
-        cli.main([name, "--no-such-flag", "1"])
+        cli.main([*command, "--no-such-flag", "1"])
     assert stop.value.code != 0
+
+
+def test_help_lists_every_method(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    text = capsys.readouterr().out
+    assert all(name in text for name in METHODS)
 
 
 def test_flags_parse_lists_pairs_booleans_and_none(monkeypatch):
@@ -98,6 +111,9 @@ def test_flags_parse_lists_pairs_booleans_and_none(monkeypatch):
     (["last", "--tasks", "digits,bogus"], "tasks must be among"),
     (["kv_compress", "--variants", "ours:bogus"], "variants must be among"),
     (["last", "--rank", "0"], "rank must be >= 1"),
+    (["dtl", "--methods", "dtl,lora"], "methods must be among"),
+    (["miet", "train", "--server", "localhost:8000"], "server must be an http(s):// URL"),
+    (["miet", "serve", "--backbone", "/no/such.safetensors"], "no such weights file"),
 ])
 def test_bad_configs_fail_before_any_work_with_one_line(argv, message, monkeypatch, capsys):
     load = Method.load

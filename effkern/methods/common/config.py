@@ -23,17 +23,12 @@ def arg(default: Any, help: str, *, choices: tuple | None = None) -> Any:
 
 
 @dataclasses.dataclass
-class MethodConfig:
-    """Fields every method has. A method's config subclasses this, sets ``name`` and its own ``out`` default, and
-    defines ``QUICK`` / ``SMOKE`` (field overrides) and :meth:`validate` for what one field's choices cannot say."""
+class Config:
+    """A command's settings (every field an ``arg``): presets, validation, identity. A method's flow uses
+    :class:`MethodConfig`; a method's other commands (e.g. a server) may use this directly."""
 
-    name: ClassVar[str] = ""
     QUICK: ClassVar[dict] = {}
     SMOKE: ClassVar[dict] = {}
-
-    out: str = arg("runs", "output folder: config.json, results.json, plots, checkpoints")
-    seed: int = arg(0, "random seed")
-    progress: bool = arg(True, "show progress bars")
 
     @classmethod
     def preset(cls, which: str, **overrides) -> Self:
@@ -73,6 +68,18 @@ class MethodConfig:
         that configs differing elsewhere share them): files that depend on the config carry it."""
         picked = {k: v for k, v in self.identity().items() if fields is None or k in fields}
         return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:12]
+
+
+@dataclasses.dataclass
+class MethodConfig(Config):
+    """Fields every method has. A method's config subclasses this, sets ``name`` and its own ``out`` default, and
+    defines ``QUICK`` / ``SMOKE`` (field overrides) and :meth:`validate` for what one field's choices cannot say."""
+
+    name: ClassVar[str] = ""
+
+    out: str = arg("runs", "output folder: config.json, results.json, plots, checkpoints")
+    seed: int = arg(0, "random seed")
+    progress: bool = arg(True, "show progress bars")
 
 
 def _matches(value: Any, hint: Any) -> bool:

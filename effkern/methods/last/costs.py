@@ -19,11 +19,13 @@ Methods:
 - ``last_cached``: the same step on features computed beforehand (the flow's setting; never compared with the
   others, whose step includes the backbone);
 - ``linear_probe``: backbone forward + a linear head on the final feature (a side network without LSA blocks);
-- ``lora`` / ``full``: forward, backward and AdamW step through the whole backbone.
+- ``lora`` / ``full``: forward, backward and AdamW step through the whole backbone;
+- the methods of :data:`STEP_BUILDERS` (DTL, DTL+, MIET): their flow's own step on the same batch.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import re
@@ -32,10 +34,14 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-METHODS = ("last", "last_cached", "linear_probe", "lora", "full")
+# methods measured by a step their own package builds: "module:function" taking (method, shape, vit, images, labels)
+# and returning (step() -> None, trainable parameters)
+STEP_BUILDERS = {"dtl": "effkern.methods.dtl.flow:cost_step", "dtl_plus": "effkern.methods.dtl.flow:cost_step",
+                 "miet": "effkern.methods.miet.flow:cost_step"}
+METHODS = ("last", "last_cached", "linear_probe", "lora", "full", *STEP_BUILDERS)
 
 
 @dataclass(frozen=True)
@@ -50,6 +56,7 @@ class SideTuningShape:
     group_size: int = 1
     lora_rank: int = 8
     backbone: str | None = None  # weights file (None: the packaged backbone)
+    options: dict = field(default_factory=dict)  # a STEP_BUILDERS method's own settings (JSON values)
 
 
 def _proc_kib(field: str) -> int:
@@ -69,6 +76,9 @@ def _make_step(method: str, shape: SideTuningShape):
     vit = load_backbone(shape.backbone).requires_grad_(False)
     images = torch.randint(0, 256, (shape.batch_size, 1, 32, 32), dtype=torch.uint8)
     labels = torch.randint(0, shape.num_classes, (shape.batch_size,))
+    if method in STEP_BUILDERS:
+        module, name = STEP_BUILDERS[method].split(":")
+        return getattr(importlib.import_module(module), name)(method, shape, vit, images, labels)
     if method in ("lora", "full"):
         model = make_baseline(method, vit, shape.num_classes, lora_rank=shape.lora_rank)
         opt = make_optimizer(model, 1e-3, 0.05)

@@ -16,12 +16,13 @@ finished task.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from effkern.data.vision import load_task
+from effkern.data.vision import VisionTask, load_task
 from effkern.methods.backbone import load_backbone, normalize
 from effkern.methods.common import RunDir, plot_grouped_bars, row, write_json
 from effkern.methods.last.baselines import make_baseline, model_accuracy, train_model
@@ -66,53 +67,68 @@ def _baseline_rows(method: str, cfg: LastConfig, vit, task) -> dict:
 
 def run(cfg: LastConfig) -> list[dict]:
     cfg.check()
+    vit = load_backbone(cfg.backbone).requires_grad_(False)
+    feats: dict = {}
+
+    def solve(method: str, task) -> dict:
+        if method in ("lora", "full"):
+            return _baseline_rows(method, cfg, vit, task)
+        if feats.get("task") != task.name:  # once per task, shared by the probe and LAST
+            feats.clear()
+            feats.update(task=task.name, **{split: _features(vit, getattr(task, f"{split}_x"), cfg.group_size)
+                                            for split in ("train", "val", "test")})
+        return _side_rows(method, cfg, vit, task, feats)
+
+    shape = SideTuningShape(batch_size=cfg.batch_size, rank=cfg.rank, heads=cfg.heads, group_size=cfg.group_size,
+                            lora_rank=cfg.lora_rank, backbone=cfg.backbone)
+    return run_tasks(cfg, cfg.methods, solve, shape, title="mini-VTAB-1k: LAST vs baselines (frozen ViT backbone)")
+
+
+def run_tasks(cfg, methods: Sequence[str], solve: Callable[[str, VisionTask], dict], shape: SideTuningShape, *,
+              title: str) -> list[dict]:
+    """The mini-VTAB-1k harness every side-tuning flow (LAST, DTL, MIET) runs in: for each of ``cfg.tasks`` and
+    ``methods``, ``solve(method, task) -> {accuracy, val_accuracy, lr, ...}`` unless the run folder already
+    holds that row; the training cost of each method (``cfg.cost_steps`` steps of ``shape``, measured once) in its
+    rows; ``dataset = "mean"`` rows; the printed table and ``accuracy.png``. ``cfg``: a checked config with
+    ``out, seed, progress, tasks, backbone, cost_steps``."""
     run_dir = RunDir(cfg)
     cost_keys = ("trainable_params", "peak_mem_bytes", "step_time_s")
     costs = {r["method"]: {k: r[k] for k in cost_keys} for r in run_dir.rows}  # measured by an interrupted run
-    shape = SideTuningShape(batch_size=cfg.batch_size, rank=cfg.rank, heads=cfg.heads, group_size=cfg.group_size,
-                            lora_rank=cfg.lora_rank, backbone=cfg.backbone)
-    unmeasured = [m for m in cfg.methods if m not in costs and any(not run_dir.done(method=m, dataset=t)
+    unmeasured = [m for m in methods if m not in costs and any(not run_dir.done(method=m, dataset=t)
                                                                    for t in cfg.tasks)]
     if cfg.cost_steps and unmeasured:
         for cost in measure_steps([(method, shape) for method in unmeasured], steps=cfg.cost_steps):
             costs[cost["method"]] = {k: cost[k] for k in cost_keys}
-    vit = load_backbone(cfg.backbone).requires_grad_(False)
     model = "vit-mini-32" if cfg.backbone is None else Path(cfg.backbone).stem
     for name in cfg.tasks:
-        todo = [m for m in cfg.methods if not run_dir.done(method=m, dataset=name)]
+        todo = [m for m in methods if not run_dir.done(method=m, dataset=name)]
         if not todo:
             continue
         task = load_task(name, seed=cfg.seed)
-        feats = {}
-        if {"linear_probe", "last"} & set(todo):
-            feats = {split: _features(vit, getattr(task, f"{split}_x"), cfg.group_size)
-                     for split in ("train", "val", "test")}
         rows = []
         for method in todo:
-            result = (_side_rows(method, cfg, vit, task, feats) if method in ("linear_probe", "last")
-                      else _baseline_rows(method, cfg, vit, task))
+            result = solve(method, task)
             rows.append(row(method, dataset=name, model=model, seed=cfg.seed,
-                            **costs.get(method, dict.fromkeys(cost_keys)),
-                            group=task.group, **result))
+                            **costs.get(method, dict.fromkeys(cost_keys)), group=task.group, **result))
             print(f"{method:>13} {name:>14}: test {result['accuracy']:.4f} (val {result['val_accuracy']:.4f}, "
                   f"lr {result['lr']:g})", flush=True)
         run_dir.add(rows)
-    rows = [r for r in run_dir.rows if r["method"] in cfg.methods and r["dataset"] in cfg.tasks]
-    for method in cfg.methods:
+    rows = [r for r in run_dir.rows if r["method"] in methods and r["dataset"] in cfg.tasks]
+    for method in methods:
         mine = [r for r in rows if r["method"] == method]
-        rows.append(dict(mine[0], dataset="mean", group="all", lr=None,
-                         accuracy=sum(r["accuracy"] for r in mine) / len(mine),
-                         val_accuracy=sum(r["val_accuracy"] for r in mine) / len(mine)))
+        means = {k: sum(r[k] for r in mine) / len(mine) for k in mine[0]
+                 if all(isinstance(r.get(k), float) for r in mine) and k not in cost_keys and k != "lr"}
+        rows.append(dict(mine[0], dataset="mean", group="all", lr=None, **means))
     write_json(run_dir.path / "results.json", rows)
-    _print_table(rows, cfg)
-    _plot(rows, cfg, run_dir.path / "accuracy.png")
+    _print_table(rows, cfg.tasks, methods)
+    _plot(rows, cfg.tasks, methods, run_dir.path / "accuracy.png", title)
     return rows
 
 
-def _print_table(rows: list[dict], cfg: LastConfig) -> None:
-    tasks = [*cfg.tasks, "mean"]
+def _print_table(rows: list[dict], tasks: Sequence[str], methods: Sequence[str]) -> None:
+    tasks = [*tasks, "mean"]
     print(f"{'method':>13} " + " ".join(f"{t[:9]:>9}" for t in tasks) + "   trainable  peak MB  step ms")
-    for method in cfg.methods:
+    for method in methods:
         acc = {r["dataset"]: r for r in rows if r["method"] == method}
         cost = acc["mean"]
         mem = "-" if cost["peak_mem_bytes"] is None else f"{cost['peak_mem_bytes'] / 2**20:.1f}"
@@ -121,9 +137,8 @@ def _print_table(rows: list[dict], cfg: LastConfig) -> None:
               + f"   {cost['trainable_params'] or '-':>9}  {mem:>7}  {ms:>7}")
 
 
-def _plot(rows: list[dict], cfg: LastConfig, path: Path) -> None:
-    tasks = [*cfg.tasks, "mean"]
+def _plot(rows: list[dict], tasks: Sequence[str], methods: Sequence[str], path: Path, title: str) -> None:
+    tasks = [*tasks, "mean"]
     series = {m: [100 * next(r["accuracy"] for r in rows if r["method"] == m and r["dataset"] == t) for t in tasks]
-              for m in cfg.methods}
-    plot_grouped_bars(path, tasks, series, ylabel="test accuracy (%)",
-                      title="mini-VTAB-1k: LAST vs baselines (frozen ViT backbone)")
+              for m in methods}
+    plot_grouped_bars(path, tasks, series, ylabel="test accuracy (%)", title=title)

@@ -16,25 +16,20 @@ is checkpointed after every epoch and a rerun of the same config resumes.
 from __future__ import annotations
 
 import math
-import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from timm.models.vision_transformer import VisionTransformer
 from tqdm.auto import tqdm
 
 from effkern.data.vision import fashion_mnist, mnist
+from effkern.methods.backbone.config import BackboneConfig
+from effkern.methods.backbone.model import WEIGHTS_NAME, make_backbone, normalize
 from effkern.methods.common import (
-    MethodConfig,
     RunDir,
-    arg,
     load_state,
     main_only,
-    read_safetensors,
     row,
     save_state,
     warmup_cosine,
@@ -42,33 +37,7 @@ from effkern.methods.common import (
 )
 from effkern.methods.common.distributed import accelerator, backward, is_main, local_batch, prepare, release
 
-VIT_CONFIG = dict(img_size=32, patch_size=4, in_chans=1, embed_dim=128, depth=6, num_heads=4, mlp_ratio=4.0,
-                  num_classes=0)
-WEIGHTS_NAME = "vit-mini-32.safetensors"
-# the committed backbone: `effkern backbone --out runs/backbone`, then runs/backbone/vit-mini-32.safetensors copied
-PACKAGED_PATH = Path(__file__).resolve().parent.parent / "weights" / "vit-mini-32.safetensors"
 PRETRAIN_CLASSES = 20
-
-
-def make_backbone(**overrides) -> VisionTransformer:
-    """A randomly initialised backbone with :data:`VIT_CONFIG` (``num_classes=0``: features only)."""
-    return VisionTransformer(**{**VIT_CONFIG, **overrides})
-
-
-def normalize(images: torch.Tensor) -> torch.Tensor:
-    """uint8 ``[n, 1, 32, 32]`` -> float in [-1, 1] (mean = std = 0.5, as in DTL's recipe)."""
-    return images.float() / 127.5 - 1.0
-
-
-def load_backbone(path: str | os.PathLike | None = None) -> VisionTransformer:
-    """The pretrained backbone (eval mode) from ``path`` (default: the packaged one, :data:`PACKAGED_PATH`)."""
-    path = Path(path or PACKAGED_PATH).expanduser()
-    if not path.exists():
-        raise FileNotFoundError(f"no backbone at {path}: make one with `effkern backbone --out FOLDER` (it writes "
-                                f"FOLDER/{WEIGHTS_NAME})")
-    vit = make_backbone()
-    vit.load_state_dict(read_safetensors(path))
-    return vit.eval()
 
 
 def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
@@ -87,26 +56,6 @@ def _pretraining_set() -> tuple[torch.Tensor, torch.Tensor]:
     (xm, ym), (xf, yf) = mnist("train"), fashion_mnist("train")
     x = np.pad(np.concatenate([xm, xf]), ((0, 0), (2, 2), (2, 2)))[:, None]
     return torch.from_numpy(x), torch.from_numpy(np.concatenate([ym, yf + 10]))
-
-
-@dataclass
-class BackboneConfig(MethodConfig):
-    """Supervised pretraining of the shared ViT backbone (the stand-in until the single-branch SSL method)."""
-
-    name: ClassVar[str] = "backbone"
-    QUICK: ClassVar[dict] = dict(epochs=1, max_images=20000)
-    SMOKE: ClassVar[dict] = dict(epochs=1, batch_size=64, max_images=256)
-
-    out: str = arg("runs/backbone", f"output folder: {WEIGHTS_NAME}, config.json, results.json, loss.png")
-    epochs: int = arg(4, "training epochs")
-    batch_size: int = arg(256, "batch size")
-    lr: float = arg(2e-3, "peak learning rate (AdamW, warm-up over the first epoch, then cosine)")
-    weight_decay: float = arg(0.05, "AdamW weight decay")
-    max_images: int | None = arg(None, "subsample the 120,000 pretraining images (None: all)")
-
-    def validate(self) -> None:
-        if min(self.epochs, self.batch_size, self.max_images or 1) < 1 or self.lr <= 0 or self.weight_decay < 0:
-            raise ValueError("epochs, batch_size and max_images must be >= 1, lr > 0 and weight_decay >= 0")
 
 
 def run(cfg: BackboneConfig) -> list[dict]:

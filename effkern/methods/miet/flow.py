@@ -1,0 +1,85 @@
+"""The MIET flow (`effkern miet train`): the edge side of MIET on mini-VTAB-1k in LAST's harness
+(:func:`effkern.methods.last.flow.run_tasks`: same tasks, backbone, learning-rate pick on val, cost rows).
+
+The edge talks to a feature server (``--server URL``; none: :class:`~effkern.methods.miet.client.LocalServer`
+starts one on loopback for the run): per task, the summed features of the train / val / test images are fetched
+once, through the resumable cache ``<out>/features/`` (a killed run re-requests only what it lacks), then K edge
+networks (one per learning rate of ``parallel_lrs``) train at once on them with LAST's trainer, and the best on val
+is reported. Rows: the standard row (method miet, dataset = the task, model = the backbone, variant = the wire
+dtype, seed, trainable_params, peak_mem_bytes, step_time_s: the step with the backbone's forward, as LAST's), then
+group, accuracy, val_accuracy, lr, layers, wire_bytes_per_image (response body bytes per image fetched for the
+task, safetensors framing included; HTTP headers apart in wire_header_bytes_per_image; absent when every feature
+came from the cache); plus ``dataset = "mean"``
+rows and ``accuracy.png``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from effkern.methods.last.costs import SideTuningShape
+from effkern.methods.last.flow import run_tasks
+from effkern.methods.last.train import accuracy, side_optimizer, side_step, train_side
+from effkern.methods.miet.client import FeatureClient, LocalServer, fetch_all
+from effkern.methods.miet.config import MIETConfig
+from effkern.methods.miet.model import EdgeNetwork, check_layers, gather_features
+
+
+def make_edge(dim: int, num_classes: int, options: dict, num_networks: int = 1) -> EdgeNetwork:
+    return EdgeNetwork(dim, num_classes, blocks=options["edge_blocks"], rank=options["rank"], heads=options["heads"],
+                       pool=options["pool"], num_networks=num_networks, num_prefix_tokens=options["prefix_tokens"])
+
+
+def run(cfg: MIETConfig) -> list[dict]:
+    cfg.check()
+    server = (contextlib.nullcontext(cfg.server) if cfg.server is not None
+              else LocalServer(backbone=cfg.backbone, max_images=max(256, cfg.fetch_batch)))
+    with server as url, FeatureClient(url) as client:
+        health = client.health()
+        layers = check_layers(cfg.layers or range(health["depth"] + 1), health["depth"])
+        tokens, dim = health["token_shape"]
+        options = dict(edge_blocks=cfg.edge_blocks, rank=cfg.rank, heads=cfg.heads, pool=cfg.pool, layers=layers,
+                       prefix_tokens=health["prefix_tokens"])
+
+        def solve(method: str, task) -> dict:
+            before = dataclasses.replace(client.features_total)
+            feats = {split: fetch_all(client, getattr(task, f"{split}_x"), Path(cfg.out) / "features", layers,
+                                      batch_size=cfg.fetch_batch, dtype=cfg.wire_dtype, progress=cfg.progress)
+                     for split in ("train", "val", "test")}
+            torch.manual_seed(cfg.seed)
+            edge = make_edge(dim, task.num_classes, options, len(cfg.parallel_lrs))
+            train_side(edge, [feats["train"]], task.train_y, lrs=cfg.parallel_lrs, epochs=cfg.epochs,
+                       batch_size=cfg.batch_size, seed=cfg.seed, progress=cfg.progress)
+            val = accuracy(edge, [feats["val"]], task.val_y)
+            best = int(val.argmax())
+            test = accuracy(edge, [feats["test"]], task.test_y)
+            # the images fetched now (a resumed task's cached features crossed no wire: no byte count then)
+            now = {f.name: getattr(client.features_total, f.name) - getattr(before, f.name)
+                   for f in dataclasses.fields(before)}
+            wire = {}
+            if now["images"]:
+                wire = dict(wire_bytes_per_image=now["response_body"] / now["images"],
+                            wire_header_bytes_per_image=now["response_headers"] / now["images"])
+            return dict(variant=cfg.wire_dtype, accuracy=float(test[best]), val_accuracy=float(val[best]),
+                        lr=cfg.parallel_lrs[best], layers=list(layers), **wire)
+
+        shape = SideTuningShape(batch_size=cfg.batch_size, backbone=cfg.backbone, options=options)
+        return run_tasks(cfg, ("miet",), solve, shape, title=f"mini-VTAB-1k: MIET edge network ({tokens} tokens)")
+
+
+def cost_step(method: str, shape: SideTuningShape, vit: nn.Module, images: torch.Tensor, labels: torch.Tensor):
+    """The cost harness's step (:mod:`effkern.methods.last.costs`): the cloud's summed features (no autograd) and
+    the edge network's forward, backward and AdamW step."""
+    options = shape.options
+    edge = make_edge(vit.embed_dim, shape.num_classes, options, shape.num_networks)
+    opt = side_optimizer(edge, [1e-3] * shape.num_networks)
+
+    def step():
+        side_step(edge, opt, [gather_features(vit, images, options["layers"])], labels)
+
+    return step, sum(p.numel() for p in edge.parameters()) // shape.num_networks
