@@ -36,6 +36,9 @@ demo: install
 	$(VENV)/bin/effkern info
 	$(VENV)/bin/effkern kv_compress
 	$(VENV)/bin/effkern last --quick --out runs/last_quick
+	$(VENV)/bin/effkern dtl --quick --out runs/dtl_quick
+	$(VENV)/bin/effkern miet train --quick --out runs/miet_quick
+	$(VENV)/bin/effkern report runs/last_quick runs/dtl_quick runs/miet_quick --out runs/side_tuning_quick
 	$(VENV)/bin/effkern ctr_compress --quick --out runs/ctr_quick
 	$(PY) bench/gqa_decode.py --quick
 
@@ -49,6 +52,8 @@ bench: install
 	$(PY) bench/residual_layer_norm.py --json bench-results/residual_layer_norm.json
 	$(PY) bench/low_rank_linear.py --json bench-results/low_rank_linear.json
 	$(PY) bench/last.py --json bench-results/last.json
+	$(PY) bench/dtl.py --json bench-results/dtl.json
+	$(PY) bench/miet.py --json bench-results/miet.json
 	$(PY) bench/ctr_compress.py --json bench-results/ctr_compress.json
 
 lint: install

@@ -38,14 +38,14 @@ def make_dtl(method: str, vit: nn.Module, num_classes: int, options: dict) -> DT
     return DTL(vit, num_classes, plus=method == "dtl_plus", **options)
 
 
-def _options(cfg: DTLConfig) -> dict:
+def dtl_options(cfg: DTLConfig) -> dict:
     return dict(rank=cfg.rank, inject_after=cfg.inject_after, beta=cfg.beta, pool=cfg.pool)
 
 
 def run(cfg: DTLConfig) -> list[dict]:
     cfg.check()
     vit = load_backbone(cfg.backbone)
-    options = _options(cfg)
+    options = dtl_options(cfg)
     make_dtl(cfg.methods[0], vit, 2, options)  # a bad setting for this backbone fails now, not after the costs
     models = cfg.out + "/models"
 

@@ -35,16 +35,21 @@ def make_edge(dim: int, num_classes: int, options: dict, num_networks: int = 1) 
                        pool=options["pool"], num_networks=num_networks, num_prefix_tokens=options["prefix_tokens"])
 
 
+def edge_options(cfg: MIETConfig, depth: int, prefix_tokens: int) -> dict:
+    """What the edge network and the cost step need from ``cfg`` for a backbone of ``depth`` blocks."""
+    return dict(edge_blocks=cfg.edge_blocks, rank=cfg.rank, heads=cfg.heads, pool=cfg.pool,
+                layers=check_layers(cfg.layers or range(depth + 1), depth), prefix_tokens=prefix_tokens)
+
+
 def run(cfg: MIETConfig) -> list[dict]:
     cfg.check()
     server = (contextlib.nullcontext(cfg.server) if cfg.server is not None
               else LocalServer(backbone=cfg.backbone, max_images=max(256, cfg.fetch_batch)))
     with server as url, FeatureClient(url) as client:
         health = client.health()
-        layers = check_layers(cfg.layers or range(health["depth"] + 1), health["depth"])
         tokens, dim = health["token_shape"]
-        options = dict(edge_blocks=cfg.edge_blocks, rank=cfg.rank, heads=cfg.heads, pool=cfg.pool, layers=layers,
-                       prefix_tokens=health["prefix_tokens"])
+        options = edge_options(cfg, health["depth"], health["prefix_tokens"])
+        layers = options["layers"]
 
         def solve(method: str, task) -> dict:
             before = dataclasses.replace(client.features_total)
