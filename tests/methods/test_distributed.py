@@ -18,7 +18,8 @@ from effkern.methods import METHODS
 # (method, extra flags, the metric compared, relative tolerance): LAST's and the KV LoRA recovery's batches split
 # evenly (the same steps up to float rounding); CTR's last partial batch weighs its two shards equally, a slightly
 # different step
-CASES = [("last", (), "accuracy", 0.02), ("ctr_compress", (), "auc", 0.005),
+CASES = [("last", (), "accuracy", 0.02), ("dtl", (), "accuracy", 0.02), ("miet", (), "accuracy", 0.02),
+         ("ctr_compress", (), "auc", 0.005),
          ("kv_compress", ("--finetune-steps", "2", "--finetune-tokens", "2048"), "ppl", 0.01)]
 
 
@@ -30,10 +31,11 @@ def test_two_processes_train_as_one(name, flags, metric, tol, tmp_path):
     torchrun = Path(sys.executable).with_name("torchrun")
     env = dict(os.environ, OMP_NUM_THREADS="1")
     two = tmp_path / "two"
-    proc = subprocess.run([str(torchrun), "--nproc_per_node", "2", "-m", "effkern", name, "--smoke", "--out", str(two),
-                           "--no-progress", *flags], capture_output=True, text=True, env=env, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
     method = METHODS[name]
+    command = [name, *([method.command] if method.command else [])]
+    proc = subprocess.run([str(torchrun), "--nproc_per_node", "2", "-m", "effkern", *command, "--smoke", "--out",
+                           str(two), "--no-progress", *flags], capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     overrides = {flag[2:].replace("-", "_"): int(value) for flag, value in zip(flags[::2], flags[1::2], strict=True)}
     one = method.load("run")(method.load("config").preset("smoke", out=str(tmp_path / "one"), progress=False,
                                                           **overrides))
