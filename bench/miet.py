@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import print_table, write_json  # noqa: E402
 
-from effkern.methods.miet.client import FeatureClient, FeatureServerError, LocalServer  # noqa: E402
+from effkern.methods.miet.client import FeatureClient, LocalServer  # noqa: E402
 
 
 def wire_bytes(client: FeatureClient, images: torch.Tensor, depth: int) -> list[dict]:
@@ -46,7 +46,7 @@ def wire_bytes(client: FeatureClient, images: torch.Tensor, depth: int) -> list[
                       bytes_per_image=round(s.response_body / n), header_bytes=s.response_headers)
                  for payload, s in answers.items()]
         rows.append(dict(payload="ratio all / sum", dtype=dtype, batch=n, k_plus_1=depth + 1,
-                         bytes_per_image=answers["all features (0..depth, unreduced)"].response_body /
+                         ratio=answers["all features (0..depth, unreduced)"].response_body /
                          answers["MIET sum (0..depth)"].response_body))
     return rows
 
@@ -63,7 +63,7 @@ def load_test(url: str, images: torch.Tensor, depth: int, clients: int, requests
                 start = time.perf_counter()
                 try:
                     client.features(images, layers)
-                except (FeatureServerError, OSError) as e:
+                except Exception as e:  # noqa: BLE001 (any failure is an error of the load test, never a dead thread)
                     with lock:
                         errors.append(repr(e))
                     continue
@@ -99,7 +99,8 @@ def main(argv=None) -> list[dict]:
         print(f"server {url}: {health['model']}, images {health['image_shape']}, tokens {health['token_shape']}, "
               f"depth {depth}, {health['threads']} torch threads; client and server share this machine")
         rows = [dict(section="bytes", **r) for r in wire_bytes(client, images, depth)]
-        print_table(rows, ["payload", "dtype", "batch", "body_bytes", "bytes_per_image", "header_bytes", "k_plus_1"])
+        print_table(rows, ["payload", "dtype", "batch", "body_bytes", "bytes_per_image", "header_bytes", "k_plus_1",
+                           "ratio"])
         for _ in range(3):  # warm-up: first-call allocations and lazy imports on both sides
             client.features(images, list(range(depth + 1)))
         load = [dict(section="load", **load_test(url, images, depth, clients, requests)) for clients in (1, 8)]

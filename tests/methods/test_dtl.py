@@ -48,6 +48,56 @@ def test_starts_as_the_frozen_backbone(name, plus):
     assert not torch.allclose(vit.norm(dtl.forward_features(x)), expected)
 
 
+def _spec_forward(dtl: DTL, x: torch.Tensor) -> torch.Tensor:
+    """PAPERS.md B written out plainly: R += x_b A_b^T B_b^T; x_{b+1} = Block_b(x_b), + phi(R) for b >= M, DTL+'s
+    convolution on the patch tokens only; mean of the patch tokens, the final norm, the head."""
+    vit, p = dtl.vit, dtl.vit.num_prefix_tokens
+    h = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(x))))
+    r = torch.zeros_like(h)
+    for b, block in enumerate(vit.blocks):
+        r = r + h @ dtl.maps[b].u.T @ dtl.maps[b].v.T
+        h = block(h)
+        if b >= dtl.inject_after:
+            phi = r * torch.sigmoid(dtl.beta * r)
+            if dtl.conv is not None:
+                grid = phi[:, p:].transpose(1, 2).reshape(len(x), -1, *vit.patch_embed.grid_size)
+                phi = torch.cat([phi[:, :p], dtl.conv(grid).flatten(2).transpose(1, 2)], 1)
+            h = h + phi
+    return dtl.head(vit.fc_norm(vit.norm(h[:, p:].mean(1))))
+
+
+@pytest.mark.parametrize("name", BACKBONES)
+@pytest.mark.parametrize(("plus", "inject_after"), [(False, 1), (True, 2)])
+def test_forward_follows_the_spec_with_trained_weights(name, plus, inject_after):
+    vit = BACKBONES[name]().eval()
+    dtl = DTL(vit, 5, plus=plus, inject_after=inject_after, beta=3.0)
+    torch.manual_seed(1)
+    for p in dtl.parameters():
+        if p.requires_grad:
+            p.data.normal_(std=0.3)
+    x = _images(vit)
+    torch.testing.assert_close(dtl(x), _spec_forward(dtl, x), rtol=1e-4, atol=1e-4)
+
+
+def test_head_matches_timm_pooling_and_norm_at_init():
+    """At init the features before the head are the backbone's own pre-logits where its pool is DTL's (mean of the
+    patch tokens, normed after pooling: an avg-pool timm ViT)."""
+    vit = BACKBONES["registers_avg"]().eval()
+    dtl = DTL(vit, 5)
+    seen = []
+    dtl.head.register_forward_hook(lambda mod, args, out: seen.append(args[0]))
+    x = _images(vit)
+    dtl(x)
+    torch.testing.assert_close(seen[0], vit.forward_head(vit.forward_features(x), pre_logits=True), rtol=0, atol=0)
+
+
+def test_swish_has_no_fp16_overflow():
+    from effkern.methods.dtl.model import swish
+
+    x = torch.tensor([-700.0, -1.0, 0.0, 1.0, 700.0], dtype=torch.float16)
+    torch.testing.assert_close(swish(x, 100.0), (x.float() * torch.sigmoid(100 * x.float())).half())
+
+
 def test_only_side_parameters_get_gradients():
     vit = load_backbone()
     dtl = DTL(vit, 10, plus=True)

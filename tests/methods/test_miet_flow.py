@@ -43,6 +43,22 @@ def test_edge_network_starts_as_a_probe_on_the_normalised_sum():
     assert all(p.grad is not None for p in edge.parameters())
 
 
+def test_gather_features_against_timm():
+    """The sum and the stack against timm's own computation: ``forward_features`` (the last block's output, normed)
+    and ``forward_intermediates`` (every block's output)."""
+    from effkern.methods.backbone import normalize
+
+    vit, x = load_backbone(), _images(3)
+    torch.testing.assert_close(vit.norm(gather_features(vit, x, [6])), vit.forward_features(normalize(x)))
+    _, blocks = vit.forward_intermediates(normalize(x), norm=False, output_fmt="NLC", return_prefix_tokens=True)
+    blocks = [torch.cat([prefix, tokens], 1) for tokens, prefix in blocks]  # z_1 .. z_6
+    torch.testing.assert_close(gather_features(vit, x, [2, 4, 5]), blocks[1] + blocks[3] + blocks[4])
+    stacked = gather_features(vit, x, range(1, 7), reduce=False)
+    torch.testing.assert_close(stacked, torch.stack(blocks, 1))
+    torch.testing.assert_close(gather_features(vit, x, range(7)) - stacked.sum(1),
+                               gather_features(vit, x, [0]), rtol=1e-4, atol=1e-4)
+
+
 def test_layers_are_checked():
     assert check_layers([6, 0, 3], 6) == (0, 3, 6)
     for bad in ([], [7], [-1], [1, 1]):
@@ -73,7 +89,8 @@ def test_killed_run_resumes_from_its_feature_cache(server, tmp_path, monkeypatch
     row = rows[0]
     assert row["method"] == "miet" and row["variant"] == "float32" and 0 < row["accuracy"] <= 1
     # the bytes of the run's requests after the restart: a [65, 128] fp32 sum per image, plus framing
-    assert 65 * 128 * 4 <= row["wire_bytes_per_image"] < 65 * 128 * 4 * 1.01
+    assert 65 * 128 * 4 <= row["wire_response_body_per_image"] < 65 * 128 * 4 * 1.01
+    assert 32 * 32 <= row["wire_request_body_per_image"] < 32 * 32 * 1.05  # the uint8 image, framing included
 
 
 def test_wire_bytes_sum_vs_every_feature(server):

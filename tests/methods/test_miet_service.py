@@ -84,7 +84,8 @@ def test_health(app_client):
     health = app_client.get("/health").json()
     assert health["status"] == "ok" and health["model"] == "vit-mini-32"
     assert health["image_shape"] == [1, 32, 32] and health["depth"] == 6 and health["token_shape"] == [65, 128]
-    assert health["layers"] == ALL and health["limits"] == dict(max_images=MAX_IMAGES, max_body_bytes=MAX_BODY)
+    assert health["layers"] == ALL and health["limits"] == dict(max_images=MAX_IMAGES, max_body_bytes=MAX_BODY,
+                                                                max_pending=32)
     assert health["weights_sha256"] == hashlib.sha256(PACKAGED_PATH.read_bytes()).hexdigest()
 
 
@@ -293,3 +294,33 @@ def test_fetch_all_resumes(live, vit, tmp_path, monkeypatch):
 def test_local_server_reports_a_dying_server(tmp_path):
     with pytest.raises(RuntimeError, match=r"(?s)exited with code 2.*no such weights file"):
         LocalServer(backbone=tmp_path / "missing.safetensors", startup_timeout=60).start()
+
+
+def test_busy_server_answers_503_and_the_client_retries(vit):
+    """Past max_pending requests held at once the server sheds load (503 + Retry-After) instead of queueing without
+    bound; the client's retries turn that into delay, not failure."""
+    x = images(MAX_IMAGES, seed=5)
+    expected = gather_features(vit, x, ALL)
+    with LocalServer(max_images=MAX_IMAGES, max_pending=1, startup_timeout=60) as url:
+        statuses, answers, errors = [], [], []
+
+        def no_retry():
+            for _ in range(10):
+                statuses.append(httpx.post(f"{url}/features", content=encode_images(x), timeout=60).status_code)
+
+        def retrying():
+            try:
+                with FeatureClient(url, retries=20, backoff=0.05) as client:
+                    answers.extend(client.features(x, ALL) for _ in range(5))
+            except Exception as e:  # noqa: BLE001 (every failure counts)
+                errors.append(repr(e))
+
+        threads = [threading.Thread(target=no_retry) for _ in range(4)]
+        threads += [threading.Thread(target=retrying) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=300)
+        assert set(statuses) == {200, 503} and not errors and len(answers) == 20
+        for got in answers:
+            torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)

@@ -12,9 +12,6 @@ import types
 import typing
 from typing import Any, ClassVar, Self
 
-# Fields that say where and how a run shows itself, not what it computes: they are not part of the config's hash.
-PRESENTATION_FIELDS = ("out", "progress")
-
 
 def arg(default: Any, help: str, *, choices: tuple | None = None) -> Any:
     """A config field: its default and the help text of its command-line flag; ``choices`` restricts the value (or
@@ -29,6 +26,8 @@ class Config:
 
     QUICK: ClassVar[dict] = {}
     SMOKE: ClassVar[dict] = {}
+    # fields that say where and how a run shows itself or gets its inputs, not what it computes: not in the hash
+    PRESENTATION: ClassVar[tuple[str, ...]] = ("out", "progress")
 
     @classmethod
     def preset(cls, which: str, **overrides) -> Self:
@@ -59,9 +58,9 @@ class Config:
         """The method's own rules across fields (override); raise ValueError naming the field."""
 
     def identity(self) -> dict:
-        """What the run computes: every field but the presentation ones (``out``, ``progress``), JSON-ready."""
+        """What the run computes: every field but the :attr:`PRESENTATION` ones, JSON-ready."""
         return json.loads(json.dumps({k: v for k, v in dataclasses.asdict(self).items()
-                                      if k not in PRESENTATION_FIELDS}))
+                                      if k not in self.PRESENTATION}))
 
     def digest(self, fields: tuple[str, ...] | None = None) -> str:
         """A short hash of :meth:`identity` (or of its ``fields`` only: files that depend on part of the config, so

@@ -34,6 +34,19 @@ def barrier() -> None:
     accelerator().wait_for_everyone()
 
 
+def from_main(value):
+    """The main process's ``value`` in every process (``value`` of the others is ignored): work done once, e.g. a
+    measurement that processes running side by side would disturb."""
+    acc = accelerator()
+    if acc.num_processes == 1:
+        return value
+    from accelerate.utils import broadcast_object_list
+
+    box = [value if acc.is_main_process else None]
+    broadcast_object_list(box)
+    return box[0]
+
+
 def local_batch(idx: torch.Tensor) -> torch.Tensor | None:
     """This process's share of a global batch of example indices; None for a batch too small to give every process
     one example (every process skips it alike)."""

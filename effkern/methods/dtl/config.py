@@ -44,7 +44,9 @@ class DTLConfig(MethodConfig):
         for name in ("rank", "epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if min(self.lrs) <= 0 or self.beta <= 0 or self.weight_decay < 0 or self.cost_steps < 0:
-            raise ValueError("lrs and beta must be > 0, weight_decay and cost_steps >= 0")
+        if min(self.lrs) <= 0 or self.beta <= 0:
+            raise ValueError(f"lrs and beta must be > 0, got lrs={self.lrs}, beta={self.beta}")
+        if self.weight_decay < 0 or self.cost_steps < 0:
+            raise ValueError(f"weight_decay and cost_steps must be >= 0, got {self.weight_decay}, {self.cost_steps}")
         if self.inject_after is not None and self.inject_after < 0:
             raise ValueError(f"inject_after must be a block index >= 0, got {self.inject_after}")

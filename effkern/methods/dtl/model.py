@@ -7,7 +7,9 @@ kaiming-uniform, ``B_j [d, r]`` zero, so the model starts as the backbone), bloc
 of the patch tokens through one depthwise 3x3 convolution over the patch grid, shared by every injection (the
 prefix tokens, cls / distillation / registers, skip it). Blocks ``0..M`` see no injected feature, so they run
 without autograd state: none of their activations is kept; only the CSN's inputs are (one ``[B, N, d]`` per map).
-Head (DTL's): the mean of the patch tokens, the backbone's frozen final norm, a trainable linear layer.
+Head (DTL's): the mean of the patch tokens (the prefix tokens too where the backbone's own pool includes them),
+the backbone's frozen final norm after pooling (``vit.norm``, or ``vit.fc_norm`` on an ``avg``-pool ViT, where
+``vit.norm`` is the identity), a trainable linear layer.
 
 The maps run on effkern's fused ``low_rank_linear`` (the rank-r hidden layer is never stored).
 """
@@ -17,7 +19,6 @@ from __future__ import annotations
 import os
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from effkern.methods.common import read_safetensors, write_safetensors
@@ -25,8 +26,8 @@ from effkern.nn import LowRankLinear
 
 
 def swish(x: torch.Tensor, beta: float) -> torch.Tensor:
-    """``x * sigmoid(beta x)``, as one fused op: ``silu(beta x) / beta``."""
-    return F.silu(x * beta) / beta
+    """``x * sigmoid(beta x)``, written so because ``silu(beta x) / beta`` overflows to NaN in fp16."""
+    return x * torch.sigmoid(x * beta)
 
 
 class DTL(nn.Module):
@@ -61,6 +62,7 @@ class DTL(nn.Module):
             raise ValueError("pool='cls' needs a backbone with a cls token")
         self.vit = vit.requires_grad_(False).eval()
         self.inject_after, self.beta, self.pool = inject_after, beta, pool
+        self.pool_start = 0 if getattr(vit, "pool_include_prefix", False) else vit.num_prefix_tokens
         self.maps = nn.ModuleList(LowRankLinear(dim, dim, rank, bias=False) for _ in range(depth))
         for low_rank in self.maps:
             nn.init.zeros_(low_rank.v)  # B = 0: the model starts exactly as the backbone
@@ -76,7 +78,8 @@ class DTL(nn.Module):
 
     def train(self, mode: bool = True) -> DTL:
         super().train(mode)
-        self.vit.eval()  # frozen: its dropout / drop-path stay off
+        # frozen: its dropout / drop-path stay off (DTL's recipe trains with drop-path 0-0.2 per task; not here)
+        self.vit.eval()
         return self
 
     def _inject(self, r: torch.Tensor) -> torch.Tensor:
@@ -105,8 +108,8 @@ class DTL(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.forward_features(x)
-        pooled = h[:, 0] if self.pool == "cls" else h[:, self.vit.num_prefix_tokens:].mean(1)
-        return self.head(self.vit.norm(pooled))
+        pooled = h[:, 0] if self.pool == "cls" else h[:, self.pool_start:].mean(1)
+        return self.head(self.vit.fc_norm(self.vit.norm(pooled)))
 
     def side_state_dict(self) -> dict[str, torch.Tensor]:
         """The trainable weights only (CSN maps, DTL+'s convolution, head): what :meth:`save` writes."""

@@ -241,7 +241,8 @@ def train_mha_llama(
 
     if cache.exists():
         _check_settings(cache, settings)
-        return LlamaForCausalLM.from_pretrained(cache, dtype=torch.float32).eval()
+        # on the device a fresh training would leave it on, so a rerun measures where the first run did
+        return LlamaForCausalLM.from_pretrained(cache, dtype=torch.float32).to(accelerator().device).eval()
 
     blocks = token_blocks(tokenizer, text, len(text), block_len)  # every token: a character is at least one
     with torch.random.fork_rng(devices=[]):

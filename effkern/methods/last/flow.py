@@ -25,6 +25,7 @@ from torch import nn
 from effkern.data.vision import VisionTask, load_task
 from effkern.methods.backbone import load_backbone, normalize
 from effkern.methods.common import RunDir, plot_grouped_bars, row, write_json
+from effkern.methods.common.distributed import from_main, is_main
 from effkern.methods.last.baselines import make_baseline, model_accuracy, train_model
 from effkern.methods.last.config import LastConfig
 from effkern.methods.last.costs import SideTuningShape, measure_steps
@@ -85,21 +86,23 @@ def run(cfg: LastConfig) -> list[dict]:
 
 
 def run_tasks(cfg, methods: Sequence[str], solve: Callable[[str, VisionTask], dict], shape: SideTuningShape, *,
-              title: str) -> list[dict]:
+              title: str, model: str | None = None) -> list[dict]:
     """The mini-VTAB-1k harness every side-tuning flow (LAST, DTL, MIET) runs in: for each of ``cfg.tasks`` and
     ``methods``, ``solve(method, task) -> {accuracy, val_accuracy, lr, ...}`` unless the run folder already
     holds that row; the training cost of each method (``cfg.cost_steps`` steps of ``shape``, measured once) in its
-    rows; ``dataset = "mean"`` rows; the printed table and ``accuracy.png``. ``cfg``: a checked config with
-    ``out, seed, progress, tasks, backbone, cost_steps``."""
+    rows (measured by the main process alone under a launcher); ``dataset = "mean"`` rows; the printed table and
+    ``accuracy.png``. ``cfg``: a checked config with ``out, seed, progress, tasks, backbone, cost_steps``;
+    ``model``: the rows' model name (default: the backbone file's)."""
     run_dir = RunDir(cfg)
     cost_keys = ("trainable_params", "peak_mem_bytes", "step_time_s")
     costs = {r["method"]: {k: r[k] for k in cost_keys} for r in run_dir.rows}  # measured by an interrupted run
     unmeasured = [m for m in methods if m not in costs and any(not run_dir.done(method=m, dataset=t)
                                                                    for t in cfg.tasks)]
     if cfg.cost_steps and unmeasured:
-        for cost in measure_steps([(method, shape) for method in unmeasured], steps=cfg.cost_steps):
+        measured = measure_steps([(m, shape) for m in unmeasured], steps=cfg.cost_steps) if is_main() else None
+        for cost in from_main(measured):
             costs[cost["method"]] = {k: cost[k] for k in cost_keys}
-    model = "vit-mini-32" if cfg.backbone is None else Path(cfg.backbone).stem
+    model = model or ("vit-mini-32" if cfg.backbone is None else Path(cfg.backbone).stem)
     for name in cfg.tasks:
         todo = [m for m in methods if not run_dir.done(method=m, dataset=name)]
         if not todo:
@@ -118,7 +121,9 @@ def run_tasks(cfg, methods: Sequence[str], solve: Callable[[str, VisionTask], di
         mine = [r for r in rows if r["method"] == method]
         means = {k: sum(r[k] for r in mine) / len(mine) for k in mine[0]
                  if all(isinstance(r.get(k), float) for r in mine) and k not in cost_keys and k != "lr"}
-        rows.append(dict(mine[0], dataset="mean", group="all", lr=None, **means))
+        first = mine[0]  # the mean row keeps no task's own metric: the standard keys, the costs, the means
+        rows.append(row(method, dataset="mean", model=first["model"], variant=first["variant"], seed=first["seed"],
+                        **{k: first[k] for k in cost_keys}, group="all", **means))
     write_json(run_dir.path / "results.json", rows)
     _print_table(rows, cfg.tasks, methods)
     _plot(rows, cfg.tasks, methods, run_dir.path / "accuracy.png", title)

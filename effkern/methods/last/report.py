@@ -32,14 +32,14 @@ def report(runs: Sequence[str | Path], out: str | Path | None = None) -> str:
              and all(t in per_method[m] for m in methods)]
     if not tasks:
         raise ValueError(f"the runs {list(map(str, runs))} share no task")
-    head = ["method", *tasks, "mean", "trainable params", "peak MB", "step ms", "wire bytes / image"]
+    head = ["method", *tasks, "mean", "trainable params", "peak MB", "step ms", "features on the wire, bytes / image"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     series = {}
     for m in methods:
         acc = [100 * per_method[m][t]["accuracy"] for t in tasks]
         series[NAMES.get(m, m)] = [*acc, sum(acc) / len(acc)]
         first = per_method[m][tasks[0]]
-        wire = [per_method[m][t].get("wire_bytes_per_image") for t in tasks]
+        wire = [per_method[m][t].get("wire_response_body_per_image") for t in tasks]
         wire = [w for w in wire if w is not None]
         lines.append("| " + " | ".join([
             NAMES.get(m, m), *(f"{a:.2f}" for a in series[NAMES.get(m, m)]),

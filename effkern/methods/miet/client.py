@@ -216,13 +216,13 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 class LocalServer:
-    """A feature server in a subprocess (``effkern miet serve``) on ``host:port`` (``port=0``: a
-    free port), as a context manager yielding its URL. ``settings``: the server's options (``backbone``,
-    ``max_images``, ``max_body_mb``, ``workers``, ``threads``, ``log_level``). Startup waits until /health answers,
+    """A feature server in a subprocess (``effkern miet serve``) on ``host:port`` (``port=0``: a free port), as a
+    context manager yielding its URL. ``settings``: the server's options (``backbone``, ``max_images``,
+    ``max_body_mb``, ``max_pending``, ``workers``, ``threads``, ``log_level``). Startup waits until /health answers,
     at most ``startup_timeout`` seconds; a server that dies first raises RuntimeError with the end of its output.
     :meth:`stop` then :meth:`start` restarts it on the same port."""
 
-    OPTIONS = ("backbone", "max_images", "max_body_mb", "workers", "threads", "log_level")
+    OPTIONS = ("backbone", "max_images", "max_body_mb", "max_pending", "workers", "threads", "log_level")
 
     def __init__(self, port: int = 0, host: str = "127.0.0.1", startup_timeout: float = 120.0, **settings):
         unknown = set(settings) - set(self.OPTIONS)

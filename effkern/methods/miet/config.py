@@ -22,6 +22,8 @@ class MIETConfig(MethodConfig):
     name: ClassVar[str] = "miet"
     QUICK: ClassVar[dict] = dict(tasks=("digits", "lfw_face", "rotation"), epochs=5)
     SMOKE: ClassVar[dict] = dict(tasks=("digits",), epochs=1, cost_steps=0)
+    # where the features come from and in what chunks changes no number: a moved server keeps the run's rows
+    PRESENTATION: ClassVar[tuple[str, ...]] = ("out", "progress", "server", "fetch_batch")
 
     out: str = arg("runs/miet", "output folder: config.json, results.json, accuracy.png, features/ (the cache)")
     server: str | None = arg(None, "feature server URL, e.g. http://10.0.0.5:8000 (none: start one on loopback)")
@@ -49,8 +51,10 @@ class MIETConfig(MethodConfig):
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.rank % self.heads:
             raise ValueError(f"heads must divide rank {self.rank}, got {self.heads}")
-        if self.edge_blocks < 0 or self.cost_steps < 0 or min(self.parallel_lrs) <= 0:
-            raise ValueError("edge_blocks and cost_steps must be >= 0 and parallel_lrs > 0")
+        if self.edge_blocks < 0 or self.cost_steps < 0:
+            raise ValueError(f"edge_blocks and cost_steps must be >= 0, got {self.edge_blocks}, {self.cost_steps}")
+        if min(self.parallel_lrs) <= 0:
+            raise ValueError(f"parallel_lrs must be > 0, got {self.parallel_lrs}")
         if self.server is not None and not self.server.startswith(("http://", "https://")):
             raise ValueError(f"server must be an http(s):// URL, got {self.server!r}")
         if len(set(self.layers)) != len(self.layers) or min(self.layers, default=0) < 0:
@@ -69,13 +73,18 @@ class ServeConfig(Config):
     backbone: str | None = arg(None, "backbone weights file (default: the packaged one)")
     max_images: int = arg(256, "images per request at most (more: 413)")
     max_body_mb: float = arg(4.0, "request body limit in MiB (more: 413)")
+    max_pending: int = arg(32, "requests held at once per worker: reading, queued or running (more: 503, retried "
+                           "by the client)")
     threads: int | None = arg(None, "torch threads per worker (none: cores / workers)")
     log_level: str = arg("warning", "uvicorn log level", choices=("critical", "error", "warning", "info", "debug"))
 
     def validate(self) -> None:
-        if not 0 < self.port < 65536 and self.port != 0:
-            raise ValueError(f"port must be in [1, 65535], got {self.port}")
-        if min(self.workers, self.max_images, self.threads or 1) < 1 or self.max_body_mb <= 0:
-            raise ValueError("workers, max_images and threads must be >= 1 and max_body_mb > 0")
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"port must be in [0, 65535] (0: any free port), got {self.port}")
+        for name in ("workers", "max_images", "max_pending", "threads"):
+            if (getattr(self, name) or 1) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_body_mb <= 0:
+            raise ValueError(f"max_body_mb must be > 0, got {self.max_body_mb}")
         if self.backbone is not None and not Path(self.backbone).expanduser().is_file():
             raise ValueError(f"backbone={self.backbone!r}: no such weights file")

@@ -7,9 +7,10 @@ once, through the resumable cache ``<out>/features/`` (a killed run re-requests 
 networks (one per learning rate of ``parallel_lrs``) train at once on them with LAST's trainer, and the best on val
 is reported. Rows: the standard row (method miet, dataset = the task, model = the backbone, variant = the wire
 dtype, seed, trainable_params, peak_mem_bytes, step_time_s: the step with the backbone's forward, as LAST's), then
-group, accuracy, val_accuracy, lr, layers, wire_bytes_per_image (response body bytes per image fetched for the
-task, safetensors framing included; HTTP headers apart in wire_header_bytes_per_image; absent when every feature
-came from the cache); plus ``dataset = "mean"``
+group, accuracy, val_accuracy, lr, layers, and per image fetched for the task the bytes on the wire:
+wire_response_body_per_image (the features: safetensors, framing included), wire_request_body_per_image (the
+image upload), wire_response_headers_per_image, wire_request_headers_per_image (HTTP/1.1 lines; absent when every
+feature came from the cache, e.g. a rerun with other learning rates); plus ``dataset = "mean"``
 rows and ``accuracy.png``.
 """
 
@@ -22,6 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from effkern.methods.common.distributed import barrier, is_main
 from effkern.methods.last.costs import SideTuningShape
 from effkern.methods.last.flow import run_tasks
 from effkern.methods.last.train import accuracy, side_optimizer, side_step, train_side
@@ -51,11 +53,17 @@ def run(cfg: MIETConfig) -> list[dict]:
         options = edge_options(cfg, health["depth"], health["prefix_tokens"])
         layers = options["layers"]
 
+        def fetch(task) -> dict:
+            return {split: fetch_all(client, getattr(task, f"{split}_x"), Path(cfg.out) / "features", layers,
+                                     batch_size=cfg.fetch_batch, dtype=cfg.wire_dtype, progress=cfg.progress)
+                    for split in ("train", "val", "test")}
+
         def solve(method: str, task) -> dict:
             before = dataclasses.replace(client.features_total)
-            feats = {split: fetch_all(client, getattr(task, f"{split}_x"), Path(cfg.out) / "features", layers,
-                                      batch_size=cfg.fetch_batch, dtype=cfg.wire_dtype, progress=cfg.progress)
-                     for split in ("train", "val", "test")}
+            # under a launcher the main process fetches; the others then read its cache (no second download)
+            feats = fetch(task) if is_main() else None
+            barrier()
+            feats = feats or fetch(task)
             torch.manual_seed(cfg.seed)
             edge = make_edge(dim, task.num_classes, options, len(cfg.parallel_lrs))
             train_side(edge, [feats["train"]], task.train_y, lrs=cfg.parallel_lrs, epochs=cfg.epochs,
@@ -68,13 +76,14 @@ def run(cfg: MIETConfig) -> list[dict]:
                    for f in dataclasses.fields(before)}
             wire = {}
             if now["images"]:
-                wire = dict(wire_bytes_per_image=now["response_body"] / now["images"],
-                            wire_header_bytes_per_image=now["response_headers"] / now["images"])
+                wire = {f"wire_{key}_per_image": now[key] / now["images"]
+                        for key in ("response_body", "request_body", "response_headers", "request_headers")}
             return dict(variant=cfg.wire_dtype, accuracy=float(test[best]), val_accuracy=float(val[best]),
                         lr=cfg.parallel_lrs[best], layers=list(layers), **wire)
 
         shape = SideTuningShape(batch_size=cfg.batch_size, backbone=cfg.backbone, options=options)
-        return run_tasks(cfg, ("miet",), solve, shape, title=f"mini-VTAB-1k: MIET edge network ({tokens} tokens)")
+        return run_tasks(cfg, ("miet",), solve, shape, title=f"mini-VTAB-1k: MIET edge network ({tokens} tokens)",
+                         model=health["model"])
 
 
 def cost_step(method: str, shape: SideTuningShape, vit: nn.Module, images: torch.Tensor, labels: torch.Tensor):

@@ -37,12 +37,12 @@ def gather_features(vit: nn.Module, images: torch.Tensor, layers: Sequence[int],
     layer are not run."""
     layers = check_layers(layers, len(vit.blocks))
     x = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(normalize(images)))))
-    picked = [x] if layers[0] == 0 else []
+    picked = [x] if layers[0] == 0 else []  # reduce: only the running sum is kept, not k + 1 features
     for i, block in enumerate(vit.blocks[: layers[-1]], start=1):
         x = block(x)
         if i in layers:
-            picked.append(x)
-    return torch.stack(picked, 1).sum(1) if reduce else torch.stack(picked, 1)
+            picked = [picked[0] + x] if reduce and picked else [*picked, x]
+    return picked[0] if reduce else torch.stack(picked, 1)
 
 
 class EdgeNetwork(nn.Module):

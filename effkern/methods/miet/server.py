@@ -38,7 +38,8 @@ from effkern.methods.miet.protocol import (
 DEFAULTS = ServeConfig()
 # serve() hands its settings to every uvicorn worker process through these (workers > 1 need an import string)
 ENV = dict(backbone="EFFKERN_MIET_BACKBONE", max_images="EFFKERN_MIET_MAX_IMAGES",
-           max_body_bytes="EFFKERN_MIET_MAX_BODY_BYTES", threads="EFFKERN_MIET_THREADS")
+           max_body_bytes="EFFKERN_MIET_MAX_BODY_BYTES", threads="EFFKERN_MIET_THREADS",
+           max_pending="EFFKERN_MIET_MAX_PENDING")
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
@@ -60,12 +61,16 @@ async def _read_body(request: Request, limit: int) -> bytes:
 
 
 def create_app(backbone: str | os.PathLike | None = None, max_images: int = DEFAULTS.max_images,
-               max_body_bytes: int = int(DEFAULTS.max_body_mb * 2**20), threads: int | None = None) -> FastAPI:
+               max_body_bytes: int = int(DEFAULTS.max_body_mb * 2**20), threads: int | None = None,
+               max_pending: int = DEFAULTS.max_pending) -> FastAPI:
     """The feature server's app, with the frozen backbone (``backbone``: a weights file, default the packaged
     one) loaded once. ``max_images`` per request and ``max_body_bytes`` per request body bound what one request
-    can make it hold; ``threads``: torch's intra-op threads (None: torch's default, every core)."""
-    if max_images < 1 or max_body_bytes < 1:
-        raise ValueError(f"max_images and max_body_bytes must be >= 1, got {max_images} and {max_body_bytes}")
+    can make it hold, ``max_pending`` how many requests it holds at once (reading, queued or running; more get 503
+    with Retry-After, which the client retries with backoff): memory stays bounded under any load. ``threads``:
+    torch's intra-op threads (None: torch's default, every core)."""
+    if min(max_images, max_body_bytes, max_pending) < 1:
+        raise ValueError(f"max_images, max_body_bytes and max_pending must be >= 1, got {max_images}, "
+                         f"{max_body_bytes} and {max_pending}")
     if threads is not None:
         torch.set_num_threads(threads)
     path = Path(backbone or PACKAGED_PATH).expanduser()
@@ -78,11 +83,13 @@ def create_app(backbone: str | os.PathLike | None = None, max_images: int = DEFA
     health = dict(status="ok", model=path.stem, weights_sha256=hashlib.sha256(path.read_bytes()).hexdigest(),
                   image_shape=image_shape, depth=depth, token_shape=token_shape,
                   prefix_tokens=vit.num_prefix_tokens, layers=list(range(depth + 1)),
-                  dtypes=["float32", "float16"], limits=dict(max_images=max_images, max_body_bytes=max_body_bytes),
+                  dtypes=["float32", "float16"], limits=dict(max_images=max_images, max_body_bytes=max_body_bytes,
+                                                                   max_pending=max_pending),
                   threads=torch.get_num_threads())
     # One thread runs the backbone: each forward pass already uses every torch thread, so concurrent passes would
     # only oversubscribe the cores; requests queue here while the event loop keeps serving /health and errors.
     model_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="miet-backbone")
+    pending = 0  # requests admitted now (the event loop is one thread: a plain counter)
 
     def infer(images: torch.Tensor, layers: tuple[int, ...], reduce: bool, dtype: str) -> bytes:
         with torch.inference_mode():
@@ -102,14 +109,24 @@ def create_app(backbone: str | os.PathLike | None = None, max_images: int = DEFA
     @app.post("/features", response_class=Response)
     async def post_features(request: Request, layers: str | None = None, reduce: bool = True,
                             dtype: str = "float32") -> Response:
+        nonlocal pending
         picked = parse_layers(layers, depth)
         check_dtype(dtype)
+        if pending >= max_pending:
+            return JSONResponse({"detail": f"busy: {pending} requests in progress (max_pending={max_pending}); "
+                                           "retry later"}, status_code=503, headers={"Retry-After": "1"})
+        pending += 1
         try:
-            body = await _read_body(request, max_body_bytes)
-        except ClientDisconnect:  # the client went away mid-upload: nobody reads an answer
-            return Response(status_code=400)
-        images = await run_in_threadpool(decode_images, body, image_shape, max_images)
-        out = await asyncio.get_running_loop().run_in_executor(model_pool, infer, images, picked, reduce, dtype)
+            try:
+                body = await _read_body(request, max_body_bytes)
+            except ClientDisconnect:  # the client went away mid-upload: nobody reads an answer
+                return Response(status_code=400)
+            images = await run_in_threadpool(decode_images, body, image_shape, max_images)
+            if await request.is_disconnected():  # gone while its body was decoded: skip the forward pass
+                return Response(status_code=400)
+            out = await asyncio.get_running_loop().run_in_executor(model_pool, infer, images, picked, reduce, dtype)
+        finally:
+            pending -= 1
         return Response(out, media_type="application/octet-stream")
 
     return app
@@ -123,7 +140,8 @@ def app_from_env() -> FastAPI:
         return cast(value) if value else default
 
     return create_app(get("backbone", str, None), get("max_images", int, DEFAULTS.max_images),
-                      get("max_body_bytes", int, int(DEFAULTS.max_body_mb * 2**20)), get("threads", int, None))
+                      get("max_body_bytes", int, int(DEFAULTS.max_body_mb * 2**20)), get("threads", int, None),
+                      get("max_pending", int, DEFAULTS.max_pending))
 
 
 def serve(cfg: ServeConfig) -> None:
@@ -136,7 +154,7 @@ def serve(cfg: ServeConfig) -> None:
     if threads is None and cfg.workers > 1:
         threads = max(1, (os.cpu_count() or 1) // cfg.workers)
     settings = dict(backbone=cfg.backbone, max_images=cfg.max_images, max_body_bytes=int(cfg.max_body_mb * 2**20),
-                    threads=threads)
+                    threads=threads, max_pending=cfg.max_pending)
     os.environ.update({ENV[k]: str(v) for k, v in settings.items() if v is not None})
     uvicorn.run("effkern.methods.miet.server:app_from_env", factory=True, host=cfg.host, port=cfg.port,
                 workers=cfg.workers, log_level=cfg.log_level)
