@@ -17,9 +17,9 @@ from torch import nn
 from effkern.methods.backbone import load_backbone, normalize
 from effkern.methods.dtl.config import DTLConfig
 from effkern.methods.dtl.model import DTL
-from effkern.methods.last.baselines import make_optimizer, model_accuracy, train_model, train_step
+from effkern.methods.last.baselines import make_optimizer, train_step
 from effkern.methods.last.costs import SideTuningShape
-from effkern.methods.last.flow import run_tasks
+from effkern.methods.last.flow import fit_best, run_tasks
 
 
 class ImageDTL(nn.Module):
@@ -50,18 +50,10 @@ def run(cfg: DTLConfig) -> list[dict]:
     models = cfg.out + "/models"
 
     def solve(method: str, task) -> dict:
-        best = None
-        for lr in cfg.lrs:
-            torch.manual_seed(cfg.seed)
-            model = ImageDTL(make_dtl(method, vit, task.num_classes, options))
-            train_model(model, task.train_x, task.train_y, lr=lr, epochs=cfg.epochs, batch_size=cfg.batch_size,
-                        weight_decay=cfg.weight_decay, seed=cfg.seed, progress=cfg.progress)
-            val = model_accuracy(model, task.val_x, task.val_y)
-            if best is None or val > best[0]:
-                best = (val, lr, model)
-        val, lr, model = best
+        model, result = fit_best(lambda: ImageDTL(make_dtl(method, vit, task.num_classes, options)), task, cfg.lrs,
+                                 cfg, weight_decay=cfg.weight_decay)
         model.dtl.save(f"{models}/{task.name}-{method}.safetensors")
-        return dict(accuracy=model_accuracy(model, task.test_x, task.test_y), val_accuracy=val, lr=lr)
+        return result
 
     shape = SideTuningShape(batch_size=cfg.batch_size, backbone=cfg.backbone, options=options)
     return run_tasks(cfg, cfg.methods, solve, shape, title="mini-VTAB-1k: DTL (frozen ViT backbone)")

@@ -38,32 +38,47 @@ def _features(vit: nn.Module, images: torch.Tensor, group_size: int, batch: int 
     return [torch.cat(parts) for parts in zip(*chunks, strict=True)]
 
 
-def _side_rows(method: str, cfg: LastConfig, vit, task, feats: dict) -> dict:
-    probe = method == "linear_probe"
-    pick = (lambda f: f[-1:]) if probe else (lambda f: f)
-    torch.manual_seed(cfg.seed)
-    side = LASTSide(vit, task.num_classes, rank=cfg.rank, heads=cfg.heads, group_size=cfg.group_size,
-                    num_networks=len(cfg.parallel_lrs), probe=probe, pool=cfg.pool, bias_correction=cfg.bias_correction)
-    train_side(side, pick(feats["train"]), task.train_y, lrs=cfg.parallel_lrs, epochs=cfg.epochs,
-               batch_size=cfg.batch_size, seed=cfg.seed, progress=cfg.progress)
-    val = accuracy(side, pick(feats["val"]), task.val_y)
+def fit_side(side: nn.Module, feats: dict[str, list[torch.Tensor]], task: VisionTask, cfg) -> dict:
+    """Train ``side`` (K networks over cached features, one per learning rate of ``cfg.parallel_lrs``) on
+    ``feats["train"]``; the row values of the network best on ``feats["val"]``: test and val accuracy, its lr."""
+    lrs = cfg.parallel_lrs
+    train_side(side, feats["train"], task.train_y, lrs=lrs, epochs=cfg.epochs, batch_size=cfg.batch_size,
+               seed=cfg.seed, progress=cfg.progress)
+    val = accuracy(side, feats["val"], task.val_y)
     best = int(val.argmax())
-    test = accuracy(side, pick(feats["test"]), task.test_y)
-    return dict(accuracy=float(test[best]), val_accuracy=float(val[best]), lr=cfg.parallel_lrs[best])
+    test = accuracy(side, feats["test"], task.test_y)
+    return dict(accuracy=float(test[best]), val_accuracy=float(val[best]), lr=lrs[best])
 
 
-def _baseline_rows(method: str, cfg: LastConfig, vit, task) -> dict:
+def fit_best(build: Callable[[], nn.Module], task: VisionTask, lrs: Sequence[float], cfg,
+             **train_kwargs) -> tuple[nn.Module, dict]:
+    """One model per learning rate of ``lrs`` (``build()`` after seeding with ``cfg.seed``) trained end to end on
+    the task's images; the model best on val and its row values (test and val accuracy, lr)."""
     best = None
-    for lr in cfg.lora_lrs if method == "lora" else cfg.full_lrs:
+    for lr in lrs:
         torch.manual_seed(cfg.seed)
-        model = make_baseline(method, vit, task.num_classes, lora_rank=cfg.lora_rank)
+        model = build()
         train_model(model, task.train_x, task.train_y, lr=lr, epochs=cfg.epochs, batch_size=cfg.batch_size,
-                    seed=cfg.seed, progress=cfg.progress)
+                    seed=cfg.seed, progress=cfg.progress, **train_kwargs)
         val = model_accuracy(model, task.val_x, task.val_y)
         if best is None or val > best[0]:
             best = (val, lr, model)
     val, lr, model = best
-    return dict(accuracy=model_accuracy(model, task.test_x, task.test_y), val_accuracy=val, lr=lr)
+    return model, dict(accuracy=model_accuracy(model, task.test_x, task.test_y), val_accuracy=val, lr=lr)
+
+
+def _side_rows(method: str, cfg: LastConfig, vit, task, feats: dict) -> dict:
+    probe = method == "linear_probe"
+    torch.manual_seed(cfg.seed)
+    side = LASTSide(vit, task.num_classes, rank=cfg.rank, heads=cfg.heads, group_size=cfg.group_size,
+                    num_networks=len(cfg.parallel_lrs), probe=probe, pool=cfg.pool, bias_correction=cfg.bias_correction)
+    return fit_side(side, {split: feats[split][-1:] if probe else feats[split] for split in ("train", "val", "test")},
+                    task, cfg)
+
+
+def _baseline_rows(method: str, cfg: LastConfig, vit, task) -> dict:
+    lrs = cfg.lora_lrs if method == "lora" else cfg.full_lrs
+    return fit_best(lambda: make_baseline(method, vit, task.num_classes, lora_rank=cfg.lora_rank), task, lrs, cfg)[1]
 
 
 def run(cfg: LastConfig) -> list[dict]:

@@ -25,8 +25,8 @@ from torch import nn
 
 from effkern.methods.common.distributed import barrier, is_main
 from effkern.methods.last.costs import SideTuningShape
-from effkern.methods.last.flow import run_tasks
-from effkern.methods.last.train import accuracy, side_optimizer, side_step, train_side
+from effkern.methods.last.flow import fit_side, run_tasks
+from effkern.methods.last.train import side_optimizer, side_step
 from effkern.methods.miet.client import FeatureClient, LocalServer, fetch_all
 from effkern.methods.miet.config import MIETConfig
 from effkern.methods.miet.model import EdgeNetwork, check_layers, gather_features
@@ -66,11 +66,7 @@ def run(cfg: MIETConfig) -> list[dict]:
             feats = feats or fetch(task)
             torch.manual_seed(cfg.seed)
             edge = make_edge(dim, task.num_classes, options, len(cfg.parallel_lrs))
-            train_side(edge, [feats["train"]], task.train_y, lrs=cfg.parallel_lrs, epochs=cfg.epochs,
-                       batch_size=cfg.batch_size, seed=cfg.seed, progress=cfg.progress)
-            val = accuracy(edge, [feats["val"]], task.val_y)
-            best = int(val.argmax())
-            test = accuracy(edge, [feats["test"]], task.test_y)
+            result = fit_side(edge, {split: [f] for split, f in feats.items()}, task, cfg)
             # the images fetched now (a resumed task's cached features crossed no wire: no byte count then)
             now = {f.name: getattr(client.features_total, f.name) - getattr(before, f.name)
                    for f in dataclasses.fields(before)}
@@ -78,8 +74,7 @@ def run(cfg: MIETConfig) -> list[dict]:
             if now["images"]:
                 wire = {f"wire_{key}_per_image": now[key] / now["images"]
                         for key in ("response_body", "request_body", "response_headers", "request_headers")}
-            return dict(variant=cfg.wire_dtype, accuracy=float(test[best]), val_accuracy=float(val[best]),
-                        lr=cfg.parallel_lrs[best], layers=list(layers), **wire)
+            return dict(variant=cfg.wire_dtype, **result, layers=list(layers), **wire)
 
         shape = SideTuningShape(batch_size=cfg.batch_size, backbone=cfg.backbone, options=options)
         return run_tasks(cfg, ("miet",), solve, shape, title=f"mini-VTAB-1k: MIET edge network ({tokens} tokens)",
